@@ -1,0 +1,31 @@
+// The sign-flip hash, bit-identical to fastmix/ops/sign.py (the specification) and the GPU kernels.
+#pragma once
+#include <cstdint>
+
+namespace fastmix {
+
+// Wellons' "lowbias32" finaliser: a bijection on 32-bit words with strong avalanche.
+inline uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7FEB352Du;
+  h ^= h >> 15;
+  h *= 0x846CA68Bu;
+  h ^= h >> 16;
+  return h;
+}
+
+inline uint32_t seed_key(uint64_t seed) {
+  return mix32(mix32(static_cast<uint32_t>(seed >> 32) ^ 0x9E3779B9u) ^ static_cast<uint32_t>(seed));
+}
+
+// One word per (output row m, channel id); computed once per plane.
+inline uint32_t plane_hash(uint32_t key, uint32_t m, uint32_t channel) {
+  return mix32(mix32(key ^ m) ^ channel);
+}
+
+// True where the coefficient at block (i, j) of that plane is negated.
+inline bool sign_flip(uint32_t plane, uint32_t i, uint32_t j) {
+  return (mix32(plane ^ ((i << 16) | j)) >> 31) != 0;
+}
+
+}  // namespace fastmix

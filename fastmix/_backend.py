@@ -1,0 +1,149 @@
+"""Which implementation runs an op: extension loading and the backend choice.
+
+Backends:
+  torch  - the pure-PyTorch reference of every op (fastmix/ops/*: ``*_ref``); autograd through torch.
+  cpu    - C++ kernels in csrc/cpu, extension ``fastmix._C``.
+  triton - Triton kernels (GPU; on CPU tensors only under TRITON_INTERPRET=1).
+  cuda   - CUDA C++ kernels in csrc/cuda, extension ``fastmix._C_cuda``.
+
+The tensor's device picks the backend; ``FASTMIX_BACKEND`` overrides it and is read at every call.
+Nothing here touches a GPU or fails at import: a missing extension is reported when an op needs it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+BUILD_HINT = "pip install --no-build-isolation -e .  (from the fastmix source tree, after installing torch)"
+
+_ext_cache: dict[str, object] = {}
+
+
+def _load(name: str):
+    if name not in _ext_cache:
+        try:
+            _ext_cache[name] = importlib.import_module(name)
+        except ImportError as exc:  # missing or built against another torch
+            _ext_cache[name] = exc
+        else:
+            if name == "fastmix._C":
+                # The schemas now exist: attach the Python fake and autograd registrations.
+                from .ops import register_all
+
+                register_all()
+    mod = _ext_cache[name]
+    return None if isinstance(mod, ImportError) else mod
+
+
+def cpu_extension():
+    """The loaded ``fastmix._C`` module (registers the ``torch.ops.fastmix`` schemas), or None."""
+    return _load("fastmix._C")
+
+
+def cuda_extension():
+    """The loaded ``fastmix._C_cuda`` module, or None (never initialises CUDA)."""
+    if cpu_extension() is None:  # the CUDA kernels implement schemas defined in _C
+        return None
+    return _load("fastmix._C_cuda")
+
+
+def extension_error(name: str) -> str:
+    mod = _ext_cache.get(name)
+    return f" ({mod})" if isinstance(mod, ImportError) else ""
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run on ``device`` in this process (for tests, benches and the demo)."""
+    dev = torch.device(device)
+    out = ["torch"]
+    if dev.type == "cpu":
+        if cpu_extension() is not None:
+            out.append("cpu")
+        if triton_available() and triton_interpret():
+            out.append("triton")
+    elif dev.type == "cuda":
+        if triton_available():
+            out.append("triton")
+        if cuda_extension() is not None:
+            out.append("cuda")
+    return out
+
+
+@torch.compiler.assume_constant_result
+def choose(device: torch.device, op: str) -> str:
+    """The backend that runs ``op`` on ``device``: FASTMIX_BACKEND if set, else the device's default.
+
+    Raises RuntimeError with the fixing command when the needed backend is not available. torch.compile
+    runs this once at trace time (a constant of the graph), so loading an extension never breaks a graph.
+    """
+    forced = os.environ.get("FASTMIX_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"FASTMIX_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
+        _require(forced, device, op)
+        return forced
+    if device.type == "cpu":
+        _require("cpu", device, op)
+        return "cpu"
+    if device.type == "cuda":
+        for name in _gpu_preference(op):
+            if name in available_backends(device):
+                return name
+        raise RuntimeError(
+            f"fastmix.{op}: no GPU backend available for {device} tensors. Install triton "
+            f"(pip install triton) or build the CUDA extension with a CUDA torch and nvcc: {BUILD_HINT}; "
+            "or set FASTMIX_BACKEND=torch for the (slow) reference."
+        )
+    # other devices (mps, xpu, ...) only have the reference
+    return "torch"
+
+
+# Default GPU backend per op; the GPU issue sets these from measurements (benches/gpu_bench.py).
+GPU_PREFERENCE: dict[str, tuple[str, ...]] = {}
+
+
+def _gpu_preference(op: str) -> tuple[str, ...]:
+    return GPU_PREFERENCE.get(op, ("cuda", "triton"))
+
+
+def _require(name: str, device: torch.device, op: str) -> None:
+    if name == "torch":
+        return
+    if name == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(f"fastmix.{op}: FASTMIX_BACKEND=cpu runs CPU tensors only, got a {device} tensor")
+        if cpu_extension() is None:
+            raise RuntimeError(
+                f"fastmix.{op}: the C++ extension fastmix._C is not built{extension_error('fastmix._C')}. "
+                f"Build it with: {BUILD_HINT}; or set FASTMIX_BACKEND=torch for the reference."
+            )
+    elif name == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(f"fastmix.{op}: FASTMIX_BACKEND=cuda runs CUDA tensors only, got a {device} tensor")
+        if cuda_extension() is None:
+            raise RuntimeError(
+                f"fastmix.{op}: the CUDA extension fastmix._C_cuda is not built{extension_error('fastmix._C_cuda')}. "
+                f"Build it on a machine with nvcc and a CUDA torch: {BUILD_HINT}"
+            )
+    elif name == "triton":
+        if not triton_available():
+            raise RuntimeError(f"fastmix.{op}: FASTMIX_BACKEND=triton but triton is not installed (pip install triton)")
+        if device.type == "cpu" and not triton_interpret():
+            raise RuntimeError(
+                f"fastmix.{op}: the triton backend runs CPU tensors only under TRITON_INTERPRET=1"
+            )

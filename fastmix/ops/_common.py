@@ -1,0 +1,45 @@
+"""Argument checks and small helpers shared by the op families.
+
+Every public op validates here, before any kernel runs, and raises TypeError / ValueError / IndexError
+naming the argument: the kernels may then assume well-formed inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float_tensor(t, name: str, *, dims: int | None = None, min_dims: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(t.shape)}")
+    if min_dims is not None and t.dim() < min_dims:
+        raise ValueError(f"{name} must have at least {min_dims} dims, got shape {tuple(t.shape)}")
+
+
+def check_block(block, name: str = "block") -> int:
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise TypeError(f"{name} must be an int, got {type(block).__name__}")
+    if block < 1:
+        raise ValueError(f"{name} must be >= 1, got {block}")
+    return block
+
+
+def check_multiple(size: int, block: int, what: str) -> None:
+    if size % block != 0:
+        raise ValueError(f"{what} must be a multiple of {block}, got {size}")
+
+
+def check_same_device(ref: torch.Tensor, ref_name: str, **others) -> None:
+    for name, t in others.items():
+        if isinstance(t, torch.Tensor) and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

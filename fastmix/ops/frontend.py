@@ -1,0 +1,240 @@
+"""frontend family: the published frequency front-end of frequency-domain FR, fused.
+
+    x in [-1, 1] -> [0, 255] -> bilinear x`upsample` (align_corners=True) -> YCbCr (JPEG full range) - 128
+      -> 8x8 block DCT -> frequency channels, optionally mixed, masked and signed exactly as freq_mix.
+
+Why it is cheap: the colour transform is affine per pixel, so it commutes with bilinear interpolation
+(whose weights sum to 1) and runs at the source resolution. The upsampling along each axis is a matrix
+U (h*s, h) with two non-zeros per row, so block I of the upsampled, transformed image is
+D @ U[8I:8I+8] @ X @ U[8J:8J+8]^T @ D^T, and U[8I:8I+8] touches only R (<= 3 for s = 8) source rows.
+The kernels therefore use the freq_mix machinery with A_I = D @ U[8I:8I+8, r_I:r_I+R]: the upsampled
+image is never materialised.
+
+Read top to bottom: reference (materialising, the executable spec) -> geometry -> public functions.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from ._common import check_float_tensor, check_same_device, compute_dtype
+from .dct import block_dct_ref, block_idct_ref, dct_matrix, from_channels, to_channels
+from .freq_mix import (
+    BLOCK,
+    FREQS,
+    check_index,
+    check_weight,
+    mix_channels_ref,
+    mix_op,
+    normalize_keep,
+)
+from .sign import MAX_BLOCKS, check_seed
+
+# JPEG (JFIF) full-range RGB -> YCbCr; Cb and Cr are offset by +128, then every channel is level-shifted
+# by -128 before the DCT, so the affine map applied to [0, 255] RGB is  YCC = RGB @ M^T + (-128, 0, 0).
+YCBCR = torch.tensor(
+    [
+        [0.299, 0.587, 0.114],
+        [-0.168735892, -0.331264108, 0.5],
+        [0.5, -0.418687589, -0.081312411],
+    ],
+    dtype=torch.float64,
+)
+YCBCR_SHIFT = torch.tensor([-128.0, 0.0, 0.0], dtype=torch.float64)
+COLORS = ("ycbcr", "none")
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def to_255(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 255]."""
+    return (x + 1.0) * 127.5
+
+
+def color_transform(v: torch.Tensor, color: str) -> torch.Tensor:
+    """[0, 255] images -> level-shifted YCbCr (or level-shifted channels as they are, for color='none')."""
+    if color == "none":
+        return v - 128.0
+    m = YCBCR.to(dtype=v.dtype, device=v.device)
+    shift = YCBCR_SHIFT.to(dtype=v.dtype, device=v.device)
+    return torch.einsum("dc,nchw->ndhw", m, v) + shift.view(1, 3, 1, 1)
+
+
+def inverse_color_transform(y: torch.Tensor, color: str) -> torch.Tensor:
+    """Inverse of ``color_transform(to_255(x))``: level-shifted YCbCr -> [-1, 1] images."""
+    if color == "none":
+        v = y + 128.0
+    else:
+        minv = torch.linalg.inv(YCBCR).to(dtype=y.dtype, device=y.device)
+        shift = YCBCR_SHIFT.to(dtype=y.dtype, device=y.device)
+        v = torch.einsum("dc,nchw->ndhw", minv, y - shift.view(1, 3, 1, 1))
+    return v / 127.5 - 1.0
+
+
+def upsample_ref(v: torch.Tensor, upsample: int) -> torch.Tensor:
+    if upsample == 1:
+        return v
+    return F.interpolate(v, scale_factor=upsample, mode="bilinear", align_corners=True)
+
+
+def frontend_ref(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None, seed=None, out_dtype=None):
+    """Pure-PyTorch reference of :func:`frontend`: materialises the upsampled image (what users run today)."""
+    args = _validate(x, upsample, color, keep, index, weight, seed, out_dtype)
+    index, weight4, ids, seed, out_dtype = args
+    cd = compute_dtype(x.dtype)
+    u = color_transform(upsample_ref(to_255(x.to(cd)), upsample), color)
+    ch = to_channels(block_dct_ref(u))
+    return mix_channels_ref(ch, index, weight4, ids, seed, False, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry: A_I = D @ U[8I:8I+8, r_I:r_I+R] along each axis.
+# ----------------------------------------------------------------------------------------------------
+
+
+def upsample_matrix(size: int, upsample: int) -> torch.Tensor:
+    """U (size*upsample, size), float64: bilinear interpolation with align_corners=True, as F.interpolate."""
+    out = size * upsample
+    u = torch.zeros(out, size, dtype=torch.float64)
+    if size == 1 or out == 1:
+        u[:, 0] = 1.0
+        return u
+    scale = (size - 1) / (out - 1)
+    for p in range(out):
+        src = p * scale
+        i0 = min(int(math.floor(src)), size - 1)
+        i1 = min(i0 + 1, size - 1)
+        lam = src - i0
+        u[p, i0] += 1.0 - lam
+        u[p, i1] += lam
+    return u
+
+
+@functools.lru_cache(maxsize=64)
+def _upsample_geometry_f64(size: int, upsample: int):
+    u = upsample_matrix(size, upsample)
+    nb = size * upsample // BLOCK
+    spans = []
+    for i in range(nb):
+        nz = u[BLOCK * i : BLOCK * (i + 1)].abs().sum(0).nonzero().flatten()
+        spans.append((int(nz.min()), int(nz.max())))
+    r = max(hi - lo + 1 for lo, hi in spans)
+    d = dct_matrix(BLOCK)
+    a = torch.zeros(nb, BLOCK, r, dtype=torch.float64)
+    start = torch.zeros(nb, dtype=torch.int64)
+    for i, (lo, _) in enumerate(spans):
+        s = min(lo, size - r)  # keep the patch inside the image; the extra columns carry zeros
+        start[i] = s
+        a[i] = d @ u[BLOCK * i : BLOCK * (i + 1), s : s + r]
+    return a, start
+
+
+@torch.compiler.assume_constant_result
+def upsample_geometry(size: int, upsample: int, dtype: torch.dtype, device: torch.device):
+    """(A (size*upsample/8, 8, R), start (size*upsample/8,)) for one axis; a constant for torch.compile."""
+    a, start = _upsample_geometry_f64(size, upsample)
+    return a.to(dtype=dtype, device=device), start.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------
+
+
+def _validate(x, upsample, color, keep, index, weight, seed, out_dtype):
+    check_float_tensor(x, "x", dims=4)
+    if isinstance(upsample, bool) or not isinstance(upsample, int):
+        raise TypeError(f"upsample must be an int, got {type(upsample).__name__}")
+    if upsample < 1:
+        raise ValueError(f"upsample must be >= 1, got {upsample}")
+    if color not in COLORS:
+        raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+    n, c, h, w = x.shape
+    if color == "ycbcr" and c != 3:
+        raise ValueError(f"color='ycbcr' needs x with 3 channels (RGB), got {c}; use color='none' for grey faces")
+    for size, name in ((h, "height"), (w, "width")):
+        if (size * upsample) % BLOCK != 0:
+            raise ValueError(f"x's {name} * upsample must be a multiple of {BLOCK}, got {size} * {upsample}")
+        if size * upsample // BLOCK >= MAX_BLOCKS:
+            raise ValueError(f"x's {name} * upsample must be below {BLOCK * MAX_BLOCKS}")
+    if out_dtype is not None and out_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"out_dtype must be None or a float dtype, got {out_dtype}")
+    if (index is None) != (weight is None):
+        raise ValueError("index and weight must be given together (or neither, for no mixing)")
+    check_same_device(x, "x", index=index, weight=weight)
+    if index is None:
+        index = torch.arange(n, device=x.device).view(n, 1)
+        weight4 = torch.ones(n, 1, dtype=compute_dtype(x.dtype), device=x.device)
+    else:
+        index = check_index(index, n)
+        weight4 = check_weight(weight, index.shape[0], index.shape[1], c)
+    ids = normalize_keep(keep, c * FREQS, x.device)
+    return index, weight4, ids, check_seed(seed), x.dtype if out_dtype is None else out_dtype
+
+
+def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None, seed=None, out_dtype=None):
+    """Fused frequency front-end: images -> (masked, mixed, signed) DCT channels of the upsampled image.
+
+    Args:
+        x: (N, C, h, w) in [-1, 1]; C = 3 for color="ycbcr", any C for color="none" (grey faces: C = 1).
+        upsample: integer bilinear factor (align_corners=True); h*upsample and w*upsample multiples of 8.
+        keep, index, weight, seed: as :func:`fastmix.freq_mix` (index/weight None: no mixing, M = N).
+        out_dtype: output dtype (default x.dtype), e.g. torch.bfloat16 to halve the written bytes.
+
+    Returns (M, n_kept, h*upsample/8, w*upsample/8); differentiable in x and weight. Example::
+
+        z = fastmix.frontend(faces, keep=list(range(1, 64)) + list(range(65, 128)) + list(range(129, 192)))
+        # faces (B, 3, 112, 112) -> z (B, 189, 112, 112)
+    """
+    index, weight4, ids, seed, out_dtype = _validate(x, upsample, color, keep, index, weight, seed, out_dtype)
+    n, c, h, w = x.shape
+    m = index.shape[0]
+    hb, wb = h * upsample // BLOCK, w * upsample // BLOCK
+    if m == 0 or x.numel() == 0 or not ids:
+        return x.new_zeros((m, len(ids), hb, wb), dtype=out_dtype)
+    backend = _backend.choose(x.device, "frontend")
+    cd = compute_dtype(x.dtype)
+    if backend == "torch":
+        u = color_transform(upsample_ref(to_255(x.to(cd)), upsample), color)
+        return mix_channels_ref(to_channels(block_dct_ref(u)), index, weight4, ids, seed, False, out_dtype)
+    # The colour transform runs at source resolution (1/upsample^2 of the work) through torch, so its
+    # gradient comes from autograd; the fused kernel does upsampling, DCT, mixing, keep and signs.
+    src = color_transform(to_255(x.to(cd)), color)
+    rows = upsample_geometry(h, upsample, cd, x.device)
+    cols = upsample_geometry(w, upsample, cd, x.device)
+    return mix_op(backend, src, index, weight4, ids, seed, False, rows, cols, out_dtype, "frontend")
+
+
+def frontend_inverse(z, *, upsample=8, color="ycbcr", keep=None, channels=None, size=None):
+    """Map frontend channels back to images in [-1, 1] (for visualisation; not differentiable-critical).
+
+    z: (M, n_kept, Hb, Wb) with the channels of ``keep`` (as given to :func:`frontend`); removed channels
+    are filled with zeros (for YCbCr, removing the DC leaves a mid-grey level). ``channels`` is the number of
+    colour channels (3 for ycbcr; required for color='none' when keep is given). Returns (M, C, Hb*8/upsample,
+    Wb*8/upsample) by area-averaging the upsampled reconstruction, or the full (M, C, Hb*8, Wb*8) image with
+    size='upsampled'.
+    """
+    check_float_tensor(z, "z", dims=4)
+    if color not in COLORS:
+        raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+    m, nk, hb, wb = z.shape
+    c = 3 if color == "ycbcr" else (channels if channels is not None else (nk // FREQS if keep is None else None))
+    if c is None:
+        raise ValueError("frontend_inverse: pass channels= for color='none' with a keep set")
+    ids = normalize_keep(keep, c * FREQS, z.device)
+    if len(ids) != nk:
+        raise ValueError(f"z has {nk} channels but keep selects {len(ids)}")
+    full = z.new_zeros((m, c * FREQS, hb, wb))
+    full[:, list(ids)] = z
+    img = inverse_color_transform(block_idct_ref(from_channels(full)), color)
+    if size == "upsampled" or upsample == 1:
+        return img
+    if size is not None:
+        raise ValueError(f"size must be None or 'upsampled', got {size!r}")
+    return F.avg_pool2d(img, upsample)
