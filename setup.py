@@ -21,7 +21,7 @@ def _log(msg):
 
 
 def _cpu_flags():
-    flags = ["-O3", "-std=c++17", "-fopenmp"]
+    flags = ["-O3", "-std=c++20", "-fopenmp"]
     # The CPU kernels are written as fixed-size 8-wide loops that the compiler vectorises; -march=native
     # lets it use the build machine's widest SIMD. The extension is built where it runs (pip install -e),
     # so this is safe; FASTMIX_CPU_ARCH=generic builds a portable binary instead.

@@ -61,47 +61,66 @@ struct Geometry {
   const acc_t* t(int64_t k) const { return tr.data() + k * NF; }
 };
 
-// C = A P B^T.  A[u][a] (a < ra), P[a][b], BT[b][v] (b < rb). Inner loops run over 8 output lanes.
+// 8 lanes of acc_t as a GCC/Clang vector: one AVX register for float (two halves of AVX-512 for double).
+// Written with explicit vectors because the plain-array form of these loops was not vectorised by GCC 12
+// (measured 512 ns vs 23 ns per 8x8 transform on this project's Xeon, -O3 -march=native).
+template <typename T>
+struct Vec8 {
+  typedef T type __attribute__((vector_size(8 * sizeof(T))));
+};
+template <typename acc_t>
+using v8 = typename Vec8<acc_t>::type;
+template <typename acc_t>
+inline v8<acc_t> vload(const acc_t* p) {
+  v8<acc_t> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename acc_t>
+inline void vstore(acc_t* p, v8<acc_t> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// C = A P B^T.  A[u][a] (a < ra), P[a][b], BT[b][v] (b < rb); P rows are 8 wide. One 8-lane vector per row.
 template <typename acc_t>
 inline void forward_transform(const acc_t* A, const acc_t* P, const acc_t* BT, int64_t ra, int64_t rb, acc_t* C) {
-  acc_t T[NF];
+  v8<acc_t> T[BS], bt[BS];
+  for (int64_t b = 0; b < rb; ++b) bt[b] = vload(BT + b * BS);
   for (int64_t a = 0; a < ra; ++a) {
-    acc_t row[BS] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t b = 0; b < rb; ++b) {
-      const acc_t p = P[a * BS + b];
-      for (int64_t v = 0; v < BS; ++v) row[v] += p * BT[b * BS + v];
-    }
-    for (int64_t v = 0; v < BS; ++v) T[a * BS + v] = row[v];
+    v8<acc_t> row = {};
+    for (int64_t b = 0; b < rb; ++b) row += P[a * BS + b] * bt[b];
+    T[a] = row;
   }
   for (int64_t u = 0; u < BS; ++u) {
-    acc_t row[BS] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t a = 0; a < ra; ++a) {
-      const acc_t w = A[u * BS + a];
-      for (int64_t v = 0; v < BS; ++v) row[v] += w * T[a * BS + v];
-    }
-    for (int64_t v = 0; v < BS; ++v) C[u * BS + v] = row[v];
+    v8<acc_t> row = {};
+    for (int64_t a = 0; a < ra; ++a) row += A[u * BS + a] * T[a];
+    vstore(C + u * BS, row);
   }
 }
 
 // dP = A^T G B, the adjoint of forward_transform.  AT[a][u], Bm[v][b] (zero for b >= rb). dP[a][b], a < ra.
 template <typename acc_t>
 inline void adjoint_transform(const acc_t* AT, const acc_t* G, const acc_t* Bm, int64_t ra, acc_t* dP) {
-  acc_t T[NF];
+  v8<acc_t> T[BS], bm[BS];
+  for (int64_t v = 0; v < BS; ++v) bm[v] = vload(Bm + v * BS);
   for (int64_t u = 0; u < BS; ++u) {
-    acc_t row[BS] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t v = 0; v < BS; ++v) {
-      const acc_t g = G[u * BS + v];
-      for (int64_t b = 0; b < BS; ++b) row[b] += g * Bm[v * BS + b];
-    }
-    for (int64_t b = 0; b < BS; ++b) T[u * BS + b] = row[b];
+    v8<acc_t> row = {};
+    for (int64_t v = 0; v < BS; ++v) row += G[u * BS + v] * bm[v];
+    T[u] = row;
   }
   for (int64_t a = 0; a < ra; ++a) {
-    acc_t row[BS] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t u = 0; u < BS; ++u) {
-      const acc_t w = AT[a * BS + u];
-      for (int64_t b = 0; b < BS; ++b) row[b] += w * T[u * BS + b];
-    }
-    for (int64_t b = 0; b < BS; ++b) dP[a * BS + b] = row[b];
+    v8<acc_t> row = {};
+    for (int64_t u = 0; u < BS; ++u) row += AT[a * BS + u] * T[u];
+    vstore(dP + a * BS, row);
+  }
+}
+
+// C += where(w != 0, w * Ct, 0) over 64 coefficients: a zero weight skips even a NaN coefficient.
+template <typename acc_t>
+inline void accumulate_weighted(const acc_t* w, const acc_t* Ct, acc_t* C) {
+  for (int64_t r = 0; r < BS; ++r) {
+    const v8<acc_t> wv = vload(w + r * BS), cv = vload(Ct + r * BS), zero = {};
+    vstore(C + r * BS, vload(C + r * BS) + (wv != zero ? wv * cv : zero));
   }
 }
 
@@ -113,6 +132,12 @@ inline void load_patch(const in_t* src, int64_t ld, int64_t ra, int64_t rb, acc_
 
 template <typename in_t, typename acc_t>
 inline void add_patch(const in_t* src, int64_t ld, int64_t ra, int64_t rb, acc_t w, acc_t* P) {
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    if (rb == BS) {
+      for (int64_t a = 0; a < ra; ++a) vstore(P + a * BS, vload(P + a * BS) + w * vload(src + a * ld));
+      return;
+    }
+  }
   for (int64_t a = 0; a < ra; ++a)
     for (int64_t b = 0; b < rb; ++b) P[a * BS + b] += w * static_cast<acc_t>(src[a * ld + b]);
 }
@@ -184,10 +209,13 @@ std::vector<uint32_t> plane_table(const Problem& p) {
 // Forward
 // ------------------------------------------------------------------------------------------------
 
-template <typename in_t, typename out_t, typename acc_t>
+// FIX = 8: both patch extents are 8 (the plain DCT geometry), known at compile time so that every
+// transform loop is fully unrolled and vectorised; FIX = 0: extents read at run time (the frontend).
+template <int FIX, typename in_t, typename out_t, typename acc_t>
 void mix_forward_kernel(const Problem& p, const in_t* x, const int64_t* idx, const acc_t* w, const int32_t* pos,
                         const Geometry<acc_t>& rg, const Geometry<acc_t>& cg, out_t* out) {
   const int64_t Hb = rg.nb, Wb = cg.nb;
+  const int64_t ra = FIX ? FIX : rg.r, rb = FIX ? FIX : cg.r;
   const auto planes = plane_table(p);
   at::parallel_for(0, p.M * p.C * Hb, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> strip(NF * Wb);
@@ -206,9 +234,9 @@ void mix_forward_kernel(const Problem& p, const in_t* x, const int64_t* idx, con
             const acc_t wt = w[m * p.K + t];
             if (wt == acc_t(0)) continue;  // padded partner: skipped
             const in_t* src = x + ((idx[m * p.K + t] * p.C + c) * p.H + r0) * p.W + s0;
-            add_patch(src, p.W, rg.r, cg.r, wt, P);
+            add_patch(src, p.W, ra, rb, wt, P);
           }
-          forward_transform(A, P, BT, rg.r, cg.r, Cb);
+          forward_transform(A, P, BT, ra, rb, Cb);
         } else {
           std::memset(Cb, 0, sizeof(Cb));
           for (int64_t t = 0; t < p.K; ++t) {
@@ -218,9 +246,9 @@ void mix_forward_kernel(const Problem& p, const in_t* x, const int64_t* idx, con
             if (!any) continue;
             const in_t* src = x + ((idx[m * p.K + t] * p.C + c) * p.H + r0) * p.W + s0;
             std::memset(P, 0, sizeof(P));
-            load_patch(src, p.W, rg.r, cg.r, P);
-            forward_transform(A, P, BT, rg.r, cg.r, Ct);
-            for (int64_t f = 0; f < NF; ++f) Cb[f] += wr[f] != acc_t(0) ? wr[f] * Ct[f] : acc_t(0);
+            load_patch(src, p.W, ra, rb, P);
+            forward_transform(A, P, BT, ra, rb, Ct);
+            accumulate_weighted(wr, Ct, Cb);
           }
         }
         if (p.pixels) {
@@ -287,10 +315,11 @@ at::Tensor mix_fwd_cpu(const at::Tensor& x_in, const at::Tensor& index_in, const
     const at::Tensor w = weight_in.to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).contiguous();
     Geometry<acc_t> rg(row_mat, row_start, p.H, "row");
     Geometry<acc_t> cg(col_mat, col_start, p.W, "col");
+    const bool fixed = rg.r == BS && cg.r == BS;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, od, "mix_fwd_cpu_out", [&] {
-      mix_forward_kernel<in_t, scalar_t, acc_t>(p, x.const_data_ptr<in_t>(), index.const_data_ptr<int64_t>(),
-                                                w.const_data_ptr<acc_t>(), pos.const_data_ptr<int32_t>(), rg, cg,
-                                                out.mutable_data_ptr<scalar_t>());
+      auto* kernel = fixed ? &mix_forward_kernel<BS, in_t, scalar_t, acc_t> : &mix_forward_kernel<0, in_t, scalar_t, acc_t>;
+      kernel(p, x.const_data_ptr<in_t>(), index.const_data_ptr<int64_t>(), w.const_data_ptr<acc_t>(),
+             pos.const_data_ptr<int32_t>(), rg, cg, out.mutable_data_ptr<scalar_t>());
     });
   });
   return out;
@@ -327,7 +356,7 @@ inline void load_coef_grad(const Problem& p, const g_t* grad, const int32_t* pos
   }
 }
 
-template <typename in_t, typename g_t, typename acc_t>
+template <int FIX, typename in_t, typename g_t, typename acc_t>
 void mix_backward_x_kernel(const Problem& p, const g_t* grad, const int64_t* idx, const acc_t* w, const int32_t* pos,
                            const uint32_t* planes, const Geometry<acc_t>& rg, const Geometry<acc_t>& cg, in_t* gx) {
   // Inverse index (CSR): for image n, the (m, t) pairs that read it. Building it is O(M k) and makes the
@@ -343,6 +372,7 @@ void mix_backward_x_kernel(const Problem& p, const g_t* grad, const int64_t* idx
       if (!(p.per_image && w[e] == acc_t(0))) pairs[fill[idx[e]]++] = e;
   }
   const int64_t Hb = rg.nb, Wb = cg.nb;
+  const int64_t ra = FIX ? FIX : rg.r, rb = FIX ? FIX : cg.r;
   at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(p.H * p.W);
     acc_t G[NF], Gs[NF], dP[NF];
@@ -361,13 +391,13 @@ void mix_backward_x_kernel(const Problem& p, const g_t* grad, const int64_t* idx
                 for (int64_t f = 0; f < NF; ++f) Gs[f] += wt * G[f];
               } else {
                 const acc_t* wr = w + (e * p.Cw + (p.Cw == 1 ? 0 : c)) * NF;
-                for (int64_t f = 0; f < NF; ++f) Gs[f] += wr[f] != acc_t(0) ? wr[f] * G[f] : acc_t(0);
+                accumulate_weighted(wr, G, Gs);
               }
             }
-            adjoint_transform(rg.t(I), Gs, cg.m(J), rg.r, dP);
+            adjoint_transform(rg.t(I), Gs, cg.m(J), ra, dP);
             acc_t* dst = acc.data() + rg.start[I] * p.W + cg.start[J];
-            for (int64_t a = 0; a < rg.r; ++a)
-              for (int64_t b = 0; b < cg.r; ++b) dst[a * p.W + b] += dP[a * BS + b];
+            for (int64_t a = 0; a < ra; ++a)
+              for (int64_t b = 0; b < rb; ++b) dst[a * p.W + b] += dP[a * BS + b];
           }
       }
       in_t* out = gx + (n * p.C + c) * p.H * p.W;
@@ -376,12 +406,13 @@ void mix_backward_x_kernel(const Problem& p, const g_t* grad, const int64_t* idx
   });
 }
 
-template <typename in_t, typename g_t, typename acc_t>
+template <int FIX, typename in_t, typename g_t, typename acc_t>
 void mix_backward_w_kernel(const Problem& p, const g_t* grad, const in_t* x, const int64_t* idx, const acc_t* w,
                            const int32_t* pos, const uint32_t* planes, const Geometry<acc_t>& rg,
                            const Geometry<acc_t>& cg, double* gw) {
   const int64_t Hb = rg.nb, Wb = cg.nb;
   const int64_t per_m = p.per_image ? p.K : p.K * p.Cw * NF;
+  const int64_t ra = FIX ? FIX : rg.r, rb = FIX ? FIX : cg.r;
   at::parallel_for(0, p.M, 1, [&](int64_t begin, int64_t end) {
     acc_t G[NF], dP[NF], P[NF], Ct[NF];
     for (int64_t m = begin; m < end; ++m) {
@@ -394,13 +425,13 @@ void mix_backward_w_kernel(const Problem& p, const g_t* grad, const in_t* x, con
             const int64_t r0 = rg.start[I], s0 = cg.start[J];
             if (p.per_image) {
               // <G, A P B^T> = <A^T G B, P>: one adjoint transform, then a dot per partner.
-              adjoint_transform(rg.t(I), G, cg.m(J), rg.r, dP);
+              adjoint_transform(rg.t(I), G, cg.m(J), ra, dP);
               for (int64_t t = 0; t < p.K; ++t) {
                 if (w[m * p.K + t] == acc_t(0)) continue;
                 const in_t* src = x + ((idx[m * p.K + t] * p.C + c) * p.H + r0) * p.W + s0;
                 acc_t s = 0;
-                for (int64_t a = 0; a < rg.r; ++a)
-                  for (int64_t b = 0; b < cg.r; ++b) s += dP[a * BS + b] * static_cast<acc_t>(src[a * p.W + b]);
+                for (int64_t a = 0; a < ra; ++a)
+                  for (int64_t b = 0; b < rb; ++b) s += dP[a * BS + b] * static_cast<acc_t>(src[a * p.W + b]);
                 out[t] += static_cast<double>(s);
               }
             } else {
@@ -409,8 +440,8 @@ void mix_backward_w_kernel(const Problem& p, const g_t* grad, const in_t* x, con
                 const acc_t* wr = w + ((m * p.K + t) * p.Cw + cw) * NF;
                 const in_t* src = x + ((idx[m * p.K + t] * p.C + c) * p.H + r0) * p.W + s0;
                 std::memset(P, 0, sizeof(P));
-                load_patch(src, p.W, rg.r, cg.r, P);
-                forward_transform(rg.m(I), P, cg.t(J), rg.r, cg.r, Ct);
+                load_patch(src, p.W, ra, rb, P);
+                forward_transform(rg.m(I), P, cg.t(J), ra, rb, Ct);
                 double* o = out + (t * p.Cw + cw) * NF;
                 for (int64_t f = 0; f < NF; ++f)
                   if (wr[f] != acc_t(0)) o[f] += static_cast<double>(G[f] * Ct[f]);
@@ -453,12 +484,15 @@ std::tuple<at::Tensor, at::Tensor> mix_bwd_cpu(const at::Tensor& grad_in, const 
       Geometry<acc_t> cg(col_mat, col_start, p.W, "col");
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mix_bwd_cpu_grad", [&] {
         using g_t = scalar_t;
+        const bool fixed = rg.r == BS && cg.r == BS;
+        auto* kx = fixed ? &mix_backward_x_kernel<BS, in_t, g_t, acc_t> : &mix_backward_x_kernel<0, in_t, g_t, acc_t>;
+        auto* kw = fixed ? &mix_backward_w_kernel<BS, in_t, g_t, acc_t> : &mix_backward_w_kernel<0, in_t, g_t, acc_t>;
         if (need_x)
-          mix_backward_x_kernel<in_t, g_t, acc_t>(p, grad.const_data_ptr<g_t>(), index.const_data_ptr<int64_t>(),
+          kx(p, grad.const_data_ptr<g_t>(), index.const_data_ptr<int64_t>(),
                                                   w.const_data_ptr<acc_t>(), pos.const_data_ptr<int32_t>(),
                                                   planes.data(), rg, cg, gx.mutable_data_ptr<in_t>());
         if (need_w)
-          mix_backward_w_kernel<in_t, g_t, acc_t>(p, grad.const_data_ptr<g_t>(), x.const_data_ptr<in_t>(),
+          kw(p, grad.const_data_ptr<g_t>(), x.const_data_ptr<in_t>(),
                                                   index.const_data_ptr<int64_t>(), w.const_data_ptr<acc_t>(),
                                                   pos.const_data_ptr<int32_t>(), planes.data(), rg, cg,
                                                   gw_d.mutable_data_ptr<double>());
