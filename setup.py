@@ -76,7 +76,8 @@ def _extensions():
                 sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
                 extra_compile_args={
                     "cxx": ["-O3", "-std=c++17"],
-                    "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode,
+                    # --threads 0: compile the architectures in parallel (the GPU session's build time is device time).
+                    "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--threads", "0"] + gencode,
                 },
             )
         )

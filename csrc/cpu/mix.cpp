@@ -17,7 +17,7 @@
 #include <cstring>
 #include <vector>
 
-#include "sign.h"
+#include "../sign.h"
 
 namespace fastmix {
 namespace {

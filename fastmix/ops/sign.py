@@ -3,7 +3,7 @@
 InstaHide draws a random sign mask per mixed image as a one-time key. fastmix generates it inside the
 kernels from a counter-based hash instead, so no mask tensor ever exists in memory and every backend
 (torch, C++, Triton, CUDA) produces the same bits. The hash is specified here once; the C++ twin is
-``csrc/cpu/sign.h`` and the Triton twin lives next to the Triton kernels.
+``csrc/sign.h`` and the Triton twin lives next to the Triton kernels.
 
 Specification (all arithmetic on unsigned 32-bit words, wrapping):
 

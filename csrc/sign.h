@@ -2,10 +2,17 @@
 #pragma once
 #include <cstdint>
 
+// Shared by the C++ CPU kernels and the CUDA kernels (compiled for host and device there).
+#if defined(__CUDACC__)
+#define FASTMIX_HD __host__ __device__ __forceinline__
+#else
+#define FASTMIX_HD inline
+#endif
+
 namespace fastmix {
 
 // Wellons' "lowbias32" finaliser: a bijection on 32-bit words with strong avalanche.
-inline uint32_t mix32(uint32_t h) {
+FASTMIX_HD uint32_t mix32(uint32_t h) {
   h ^= h >> 16;
   h *= 0x7FEB352Du;
   h ^= h >> 15;
@@ -14,17 +21,17 @@ inline uint32_t mix32(uint32_t h) {
   return h;
 }
 
-inline uint32_t seed_key(uint64_t seed) {
+FASTMIX_HD uint32_t seed_key(uint64_t seed) {
   return mix32(mix32(static_cast<uint32_t>(seed >> 32) ^ 0x9E3779B9u) ^ static_cast<uint32_t>(seed));
 }
 
 // One word per (output row m, channel id); computed once per plane.
-inline uint32_t plane_hash(uint32_t key, uint32_t m, uint32_t channel) {
+FASTMIX_HD uint32_t plane_hash(uint32_t key, uint32_t m, uint32_t channel) {
   return mix32(mix32(key ^ m) ^ channel);
 }
 
 // True where the coefficient at block (i, j) of that plane is negated.
-inline bool sign_flip(uint32_t plane, uint32_t i, uint32_t j) {
+FASTMIX_HD bool sign_flip(uint32_t plane, uint32_t i, uint32_t j) {
   return (mix32(plane ^ ((i << 16) | j)) >> 31) != 0;
 }
 
