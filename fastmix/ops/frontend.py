@@ -212,29 +212,41 @@ def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None
 
 
 def frontend_inverse(z, *, upsample=8, color="ycbcr", keep=None, channels=None, size=None):
-    """Map frontend channels back to images in [-1, 1] (for visualisation; not differentiable-critical).
+    """Map frontend channels back to images in [-1, 1] (for visualisation).
 
     z: (M, n_kept, Hb, Wb) with the channels of ``keep`` (as given to :func:`frontend`); removed channels
     are filled with zeros (for YCbCr, removing the DC leaves a mid-grey level). ``channels`` is the number of
-    colour channels (3 for ycbcr; required for color='none' when keep is given). Returns (M, C, Hb*8/upsample,
-    Wb*8/upsample) by area-averaging the upsampled reconstruction, or the full (M, C, Hb*8, Wb*8) image with
-    size='upsampled'.
+    colour channels (3 for ycbcr; needed for color='none' with a keep set). Returns (M, C, Hb*8/upsample,
+    Wb*8/upsample): the reconstruction resampled to the source grid (bilinear, align_corners=True; an
+    unmasked output comes back close to its input, exactly for upsample=1), or the full (M, C, Hb*8, Wb*8)
+    image with size='upsampled'. (Averaging 8x8 squares instead would keep only each block's DC.)
     """
     check_float_tensor(z, "z", dims=4)
     if color not in COLORS:
         raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+    if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
+        raise ValueError(f"upsample must be an int >= 1, got {upsample!r}")
+    if size not in (None, "upsampled"):
+        raise ValueError(f"size must be None or 'upsampled', got {size!r}")
     m, nk, hb, wb = z.shape
-    c = 3 if color == "ycbcr" else (channels if channels is not None else (nk // FREQS if keep is None else None))
-    if c is None:
+    if color == "ycbcr":
+        c = 3
+    elif channels is not None:
+        c = channels
+    elif keep is None and nk % FREQS == 0:
+        c = nk // FREQS
+    else:
         raise ValueError("frontend_inverse: pass channels= for color='none' with a keep set")
+    if (hb * BLOCK) % upsample or (wb * BLOCK) % upsample:
+        raise ValueError(f"z's block grid {hb}x{wb} is not a frontend output for upsample={upsample}")
     ids = normalize_keep(keep, c * FREQS, z.device)
     if len(ids) != nk:
         raise ValueError(f"z has {nk} channels but keep selects {len(ids)}")
-    full = z.new_zeros((m, c * FREQS, hb, wb))
-    full[:, list(ids)] = z
+    cd = compute_dtype(z.dtype)
+    full = z.new_zeros((m, c * FREQS, hb, wb), dtype=cd)
+    full[:, list(ids)] = z.to(cd)
     img = inverse_color_transform(block_idct_ref(from_channels(full)), color)
     if size == "upsampled" or upsample == 1:
         return img
-    if size is not None:
-        raise ValueError(f"size must be None or 'upsampled', got {size!r}")
-    return F.avg_pool2d(img, upsample)
+    h, w = hb * BLOCK // upsample, wb * BLOCK // upsample
+    return F.interpolate(img, size=(h, w), mode="bilinear", align_corners=True)
