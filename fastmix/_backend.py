@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from ._compile import constant_result
+
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 BUILD_HINT = "pip install --no-build-isolation -e .  (from the fastmix source tree, after installing torch)"
 
@@ -84,7 +86,7 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     return out
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def choose(device: torch.device, op: str) -> str:
     """The backend that runs ``op`` on ``device``: FASTMIX_BACKEND if set, else the device's default.
 

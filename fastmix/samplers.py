@@ -87,8 +87,9 @@ def sample_weights(
         g = torch._standard_gamma(conc, generator=generator) * mask
         return g / g.sum(1, keepdim=True)
     lowest = int(act.min()) if n else k
-    if lowest >= 2 and upper * lowest < 1:
-        raise ValueError(f"upper={upper} cannot hold with {lowest} partners: it needs upper * k >= 1")
+    if lowest >= 2 and upper * lowest <= 1:
+        # At upper * k == 1 only the uniform row meets the bound, which a random draw hits with probability 0.
+        raise ValueError(f"upper={upper} cannot hold with {lowest} partners: it needs upper * k > 1")
     w = torch.zeros(n, k, device=dev)
     todo = torch.arange(n, device=dev)
     for _ in range(MAX_REDRAWS):

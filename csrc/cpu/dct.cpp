@@ -6,6 +6,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -32,7 +33,7 @@ template <typename scalar_t, typename acc_t>
 void block_dct_kernel(const scalar_t* x, scalar_t* y, int64_t planes, int64_t H, int64_t W, int64_t b, bool inverse) {
   const auto M = dct_matrix<acc_t>(b, inverse);  // rows of the left factor: M X M^T
   const int64_t hb = H / b, wb = W / b;
-  at::parallel_for(0, planes * hb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, planes * hb, std::max<int64_t>(1, 64 / std::max<int64_t>(wb, 1)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(b * b), tmp(b * b);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / hb, bi = task % hb;

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -32,6 +33,10 @@ struct Geometry {
   std::vector<acc_t> mat;  // (nb, 8, 8): mat[k][u][a], zero for a >= r
   std::vector<acc_t> tr;   // (nb, 8, 8): tr[k][a][u], the transpose
   std::vector<int64_t> start;
+  // valid[k*8 + a]: column a of block k's matrix is not all zero. Every block's patch has the largest
+  // extent R, so a block whose interpolation span is shorter includes source pixels whose weight is
+  // exactly 0; they are not read, so that a NaN there does not reach the block (0 * NaN = NaN).
+  std::vector<uint8_t> valid;
 
   Geometry(const at::Tensor& m_in, const at::Tensor& s_in, int64_t extent, const char* what) {
     TORCH_CHECK(m_in.dim() == 3 && m_in.size(1) == BS && m_in.size(2) >= 1 && m_in.size(2) <= BS, what,
@@ -46,6 +51,7 @@ struct Geometry {
     mat.assign(nb * NF, acc_t(0));
     tr.assign(nb * NF, acc_t(0));
     start.assign(sp, sp + nb);
+    valid.assign(nb * BS, 0);
     for (int64_t k = 0; k < nb; ++k) {
       // A patch that leaves the image would read out of bounds: refuse instead.
       TORCH_CHECK(start[k] >= 0 && start[k] + r <= extent, what, " patch ", k, " leaves the image");
@@ -54,10 +60,12 @@ struct Geometry {
           acc_t v = static_cast<acc_t>(mp[(k * BS + u) * r + a]);
           mat[k * NF + u * BS + a] = v;
           tr[k * NF + a * BS + u] = v;
+          if (v != acc_t(0)) valid[k * BS + a] = 1;
         }
     }
   }
   const acc_t* m(int64_t k) const { return mat.data() + k * NF; }
+  const uint8_t* v(int64_t k) const { return valid.data() + k * BS; }
   const acc_t* t(int64_t k) const { return tr.data() + k * NF; }
 };
 
@@ -121,6 +129,17 @@ inline void accumulate_weighted(const acc_t* w, const acc_t* Ct, acc_t* C) {
   for (int64_t r = 0; r < BS; ++r) {
     const v8<acc_t> wv = vload(w + r * BS), cv = vload(Ct + r * BS), zero = {};
     vstore(C + r * BS, vload(C + r * BS) + (wv != zero ? wv * cv : zero));
+  }
+}
+
+// Patch loads of the resampling geometry: only the rows and columns that carry a weight (see valid).
+template <typename in_t, typename acc_t>
+inline void load_patch_masked(const in_t* src, int64_t ld, int64_t ra, int64_t rb, const uint8_t* rv,
+                              const uint8_t* cv, acc_t w, acc_t* P) {
+  for (int64_t a = 0; a < ra; ++a) {
+    if (!rv[a]) continue;
+    for (int64_t b = 0; b < rb; ++b)
+      if (cv[b]) P[a * BS + b] += w * static_cast<acc_t>(src[a * ld + b]);
   }
 }
 
@@ -217,7 +236,8 @@ void mix_forward_kernel(const Problem& p, const in_t* x, const int64_t* idx, con
   const int64_t Hb = rg.nb, Wb = cg.nb;
   const int64_t ra = FIX ? FIX : rg.r, rb = FIX ? FIX : cg.r;
   const auto planes = plane_table(p);
-  at::parallel_for(0, p.M * p.C * Hb, 1, [&](int64_t begin, int64_t end) {
+  // Grain: at least ~64 blocks per chunk, so that tiny calls do not pay for waking threads.
+  at::parallel_for(0, p.M * p.C * Hb, std::max<int64_t>(1, 64 / std::max<int64_t>(Wb, 1)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> strip(NF * Wb);
     acc_t P[NF], Cb[NF], Ct[NF];
     for (int64_t task = begin; task < end; ++task) {
@@ -234,7 +254,10 @@ void mix_forward_kernel(const Problem& p, const in_t* x, const int64_t* idx, con
             const acc_t wt = w[m * p.K + t];
             if (wt == acc_t(0)) continue;  // padded partner: skipped
             const in_t* src = x + ((idx[m * p.K + t] * p.C + c) * p.H + r0) * p.W + s0;
-            add_patch(src, p.W, ra, rb, wt, P);
+            if (FIX)
+              add_patch(src, p.W, ra, rb, wt, P);
+            else
+              load_patch_masked(src, p.W, ra, rb, rg.v(I), cg.v(J), wt, P);
           }
           forward_transform(A, P, BT, ra, rb, Cb);
         } else {
@@ -246,7 +269,10 @@ void mix_forward_kernel(const Problem& p, const in_t* x, const int64_t* idx, con
             if (!any) continue;
             const in_t* src = x + ((idx[m * p.K + t] * p.C + c) * p.H + r0) * p.W + s0;
             std::memset(P, 0, sizeof(P));
-            load_patch(src, p.W, ra, rb, P);
+            if (FIX)
+              load_patch(src, p.W, ra, rb, P);
+            else
+              load_patch_masked(src, p.W, ra, rb, rg.v(I), cg.v(J), acc_t(1), P);
             forward_transform(A, P, BT, ra, rb, Ct);
             accumulate_weighted(wr, Ct, Cb);
           }
@@ -373,7 +399,7 @@ void mix_backward_x_kernel(const Problem& p, const g_t* grad, const int64_t* idx
   }
   const int64_t Hb = rg.nb, Wb = cg.nb;
   const int64_t ra = FIX ? FIX : rg.r, rb = FIX ? FIX : cg.r;
-  at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.N * p.C, std::max<int64_t>(1, 64 / std::max<int64_t>(Hb * Wb, 1)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(p.H * p.W);
     acc_t G[NF], Gs[NF], dP[NF];
     for (int64_t task = begin; task < end; ++task) {
@@ -413,7 +439,7 @@ void mix_backward_w_kernel(const Problem& p, const g_t* grad, const in_t* x, con
   const int64_t Hb = rg.nb, Wb = cg.nb;
   const int64_t per_m = p.per_image ? p.K : p.K * p.Cw * NF;
   const int64_t ra = FIX ? FIX : rg.r, rb = FIX ? FIX : cg.r;
-  at::parallel_for(0, p.M, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.M, std::max<int64_t>(1, 64 / std::max<int64_t>(p.C * Hb * Wb, 1)), [&](int64_t begin, int64_t end) {
     acc_t G[NF], dP[NF], P[NF], Ct[NF];
     for (int64_t m = begin; m < end; ++m) {
       double* out = gw + m * per_m;
@@ -430,8 +456,10 @@ void mix_backward_w_kernel(const Problem& p, const g_t* grad, const in_t* x, con
                 if (w[m * p.K + t] == acc_t(0)) continue;
                 const in_t* src = x + ((idx[m * p.K + t] * p.C + c) * p.H + r0) * p.W + s0;
                 acc_t s = 0;
+                const uint8_t *rv = rg.v(I), *cv = cg.v(J);
                 for (int64_t a = 0; a < ra; ++a)
-                  for (int64_t b = 0; b < rb; ++b) s += dP[a * BS + b] * static_cast<acc_t>(src[a * p.W + b]);
+                  for (int64_t b = 0; b < rb; ++b)
+                    if (FIX || (rv[a] && cv[b])) s += dP[a * BS + b] * static_cast<acc_t>(src[a * p.W + b]);
                 out[t] += static_cast<double>(s);
               }
             } else {
@@ -440,7 +468,10 @@ void mix_backward_w_kernel(const Problem& p, const g_t* grad, const in_t* x, con
                 const acc_t* wr = w + ((m * p.K + t) * p.Cw + cw) * NF;
                 const in_t* src = x + ((idx[m * p.K + t] * p.C + c) * p.H + r0) * p.W + s0;
                 std::memset(P, 0, sizeof(P));
-                load_patch(src, p.W, ra, rb, P);
+                if (FIX)
+                  load_patch(src, p.W, ra, rb, P);
+                else
+                  load_patch_masked(src, p.W, ra, rb, rg.v(I), cg.v(J), acc_t(1), P);
                 forward_transform(rg.m(I), P, cg.t(J), ra, rb, Ct);
                 double* o = out + (t * p.Cw + cw) * NF;
                 for (int64_t f = 0; f < NF; ++f)

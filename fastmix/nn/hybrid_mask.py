@@ -88,9 +88,8 @@ class HybridMask(nn.Module):
         if k is not None:
             if not isinstance(k, torch.Tensor) or k.shape != (n,) or k.dtype.is_floating_point:
                 raise ValueError(f"k must be an integer tensor of shape ({n},)")
-            kmax = int(k.max()) if n else 1
-            if n and int(k.min()) < 1:
-                raise ValueError("k values must be >= 1")
+            if n and (int(k.min()) < 1 or int(k.max()) > self.k):
+                raise ValueError(f"k values must be in [1, {self.k}] (the module's k is the maximum)")
             active = k
         # Samplers run on the generator's device; results move to x's device.
         index = sample_partners(n, kmax, generator=gen).to(dev)

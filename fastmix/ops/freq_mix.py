@@ -16,6 +16,7 @@ import operator
 import torch
 
 from .. import _backend
+from .._compile import constant_result
 from ._common import check_float_tensor, check_multiple, check_same_device, compute_dtype
 from .dct import block_dct_ref, block_idct_ref, dct_matrix, from_channels, to_channels
 from .sign import MAX_BLOCKS, check_seed, sign_ref
@@ -142,7 +143,9 @@ def mix_channels_ref(ch: torch.Tensor, index, weight4, ids, seed, pixels: bool, 
         w = w.view(m, k, 1, 1, 1)
     else:
         w = w.expand(m, k, c, FREQS).reshape(m, k, cc, 1, 1)
-    y = torch.where(w != 0, w * g, torch.zeros((), dtype=ch.dtype, device=ch.device)).sum(1)
+    # where() before the product: a skipped partner's NaN pixels must not reach the output, nor (through
+    # 0 * NaN in the backward) the weight gradient.
+    y = (w * torch.where(w != 0, g, torch.zeros((), dtype=ch.dtype, device=ch.device))).sum(1)
     if seed is not None:
         y = y * sign_ref(seed, m, cc, hb, wb, device=ch.device, dtype=ch.dtype)
     if pixels:
@@ -167,7 +170,7 @@ def freq_mix_ref(x, index, weight, *, keep=None, seed=None, out="channels"):
 # (fastmix/ops/frontend.py). One kernel serves both.
 # ----------------------------------------------------------------------------------------------------
 
-@torch.compiler.assume_constant_result
+@constant_result
 def dct_geometry(size: int, dtype: torch.dtype, device: torch.device):
     """(A, start) for the plain 8x8 block DCT along one axis of length ``size``: A (size/8, 8, 8)."""
     nb = size // BLOCK

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from .._compile import constant_result
 from ._common import check_float_tensor, check_same_device, compute_dtype
 from .dct import block_dct_ref, block_idct_ref, dct_matrix, from_channels, to_channels
 from .freq_mix import (
@@ -135,7 +136,7 @@ def _upsample_geometry_f64(size: int, upsample: int):
     return a, start
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def upsample_geometry(size: int, upsample: int, dtype: torch.dtype, device: torch.device):
     """(A (size*upsample/8, 8, R), start (size*upsample/8,)) for one axis; a constant for torch.compile."""
     a, start = _upsample_geometry_f64(size, upsample)

@@ -1,0 +1,207 @@
+"""fastmix.nn.HybridMask: shapes, returned partners and weights, per-sample k, keep presets,
+reproducibility, the fresh key per call, extra_repr and bad arguments.
+
+Labels are chosen as 10 * i + 3, so the returned partner labels reveal the partner index the module
+drew, and every output can be recomputed with the public ops."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmix
+from fastmix.nn import HybridMask, keep_ids
+from _fastmix_testing import rand_faces, randn
+
+PARTIALFACE = [0, 1, 2, 3, 8, 9, 10, 16, 17, 24]
+
+
+def labels_for(n):
+    return torch.arange(n) * 10 + 3
+
+
+def partners_from(plabels):
+    return (plabels - 3) // 10
+
+
+_CONFIGS = {
+    # name: (module kwargs, x shape, expected masked shape)
+    "frontend_default": (dict(k=2), (4, 3, 4, 6), (4, 189, 4, 6)),
+    "frontend_grey_up2": (dict(k=3, upsample=2, color="none", keep="all"), (5, 1, 4, 8), (5, 64, 1, 2)),
+    "freq_mix_channels": (dict(k=4, upsample=None, keep="partialface"), (6, 3, 16, 8), (6, 162, 2, 1)),
+    "freq_mix_pixels": (dict(k=2, upsample=None, keep="no_dc", out="pixels"), (3, 4, 8, 16), (3, 4, 8, 16)),
+}
+
+
+@pytest.mark.parametrize("sign_flip", [False, True], ids=["nosign", "sign"])
+@pytest.mark.parametrize("name", list(_CONFIGS))
+def test_outputs_are_the_fused_op_on_the_drawn_partners(backend, gen, name, sign_flip):
+    kwargs, shape, out_shape = _CONFIGS[name]
+    n, c = shape[0], shape[1]
+    x = rand_faces(gen, *shape) if kwargs.get("upsample", 8) else randn(gen, *shape)
+    mask = HybridMask(**kwargs, sign_flip=sign_flip, generator=torch.Generator().manual_seed(1))
+    masked, plabels, weights = mask(x, labels_for(n))
+    k = kwargs["k"]
+    assert masked.shape == out_shape and plabels.shape == (n, k) and weights.shape == (n, k)
+    index = partners_from(plabels)
+    assert torch.equal(index[:, 0], torch.arange(n))
+    assert torch.equal(plabels, labels_for(n)[index])
+    torch.testing.assert_close(weights.sum(1), torch.ones(n), rtol=0, atol=1e-6)
+    ids = keep_ids(mask.keep, c)
+    if mask.upsample is None:
+        plain = fastmix.freq_mix(x, index, weights.to(x.dtype), keep=ids, out=mask.out)
+    else:
+        plain = fastmix.frontend(x, upsample=mask.upsample, color=mask.color, keep=ids, index=index, weight=weights)
+    if not sign_flip:
+        assert torch.equal(masked, plain)
+    elif mask.out == "channels":
+        # the same coefficients up to a +-1 key, about half of them flipped
+        assert torch.equal(masked.abs(), plain.abs())
+        flipped = (masked != plain).float().mean().item()
+        assert 0.35 < flipped < 0.65, flipped
+    else:
+        assert not torch.allclose(masked, plain)
+
+
+def test_per_sample_k(backend, gen):
+    n = 6
+    x = randn(gen, n, 3, 8, 16)
+    k = torch.tensor([1, 3, 2, 1, 3, 2])
+    mask = HybridMask(k=3, upsample=None, keep="all", sign_flip=False, generator=torch.Generator().manual_seed(2))
+    masked, plabels, weights = mask(x, labels_for(n), k=k)
+    assert weights.shape == plabels.shape and weights.shape[0] == n and weights.shape[1] >= int(k.max())
+    pad = torch.arange(weights.shape[1]).view(1, -1) >= k.view(n, 1)
+    assert (weights[pad] == 0).all() and (weights[~pad] > 0).all()
+    torch.testing.assert_close(weights.sum(1), torch.ones(n), rtol=0, atol=1e-6)
+    index = partners_from(plabels)
+    assert torch.equal(masked, fastmix.freq_mix(x, index, weights, keep=None))
+    # k = 1 rows are the image's own coefficients, whatever partners were padded in
+    own = fastmix.to_channels(fastmix.block_dct(x))
+    torch.testing.assert_close(masked[k == 1], own[k == 1], rtol=1e-6, atol=1e-5)
+
+
+def test_padded_partners_are_skipped(backend, gen):
+    """A NaN image drawn as a padded partner (weight 0) does not reach that output."""
+    n = 5
+    x = randn(gen, n, 3, 8, 8)
+    x[4] = float("nan")
+    k = torch.tensor([1, 1, 1, 1, 2])  # rows 0-3 pad their second partner
+    mask = HybridMask(k=2, upsample=None, keep="all", generator=torch.Generator().manual_seed(3))
+    padded_nan_seen = 0
+    for _ in range(6):
+        masked, plabels, weights = mask(x, labels_for(n), k=k)
+        index = partners_from(plabels)
+        padded_nan_seen += int((index[:4, 1] == 4).sum())
+        assert (weights[:4, 1] == 0).all()
+        assert torch.isfinite(masked[:4]).all()
+        assert torch.isnan(masked[4]).all()
+    assert padded_nan_seen > 0  # the draws did put the NaN image into padded slots
+
+
+@pytest.mark.parametrize(
+    "keep,n_kept,dropped",
+    [
+        ("all", 192, []),
+        ("no_dc", 189, [0, 64, 128]),
+        ("partialface", 162, [f + 64 * c for c in range(3) for f in PARTIALFACE]),
+        ([5, 1, 70], 3, None),
+    ],
+    ids=["all", "no_dc", "partialface", "explicit"],
+)
+def test_keep_presets(gen, keep, n_kept, dropped):
+    ids = keep_ids(keep, 3)
+    if keep == "all":
+        assert ids is None
+    elif dropped is not None:
+        assert ids == [ch for ch in range(192) if ch not in dropped]
+    else:
+        assert sorted(ids) == [1, 5, 70]
+    x = randn(gen, 3, 3, 8, 8)
+    mask = HybridMask(k=1, upsample=None, keep=keep, sign_flip=False)
+    masked, _, _ = mask(x, labels_for(3))
+    assert masked.shape == (3, n_kept, 1, 1)
+    full = fastmix.to_channels(fastmix.block_dct(x))
+    want = full if ids is None else full[:, sorted(ids)]
+    torch.testing.assert_close(masked, want, rtol=1e-6, atol=1e-5)
+
+
+def test_partialface_per_colour():
+    assert keep_ids("partialface", 1) == [f for f in range(64) if f not in PARTIALFACE]
+    ids4 = keep_ids("partialface", 4)
+    assert len(ids4) == 4 * 54 and all(ch % 64 not in PARTIALFACE for ch in ids4)
+    assert fastmix.nn.PARTIALFACE_DROP == tuple(PARTIALFACE)
+
+
+def test_reproducible_with_a_generator(gen):
+    x = rand_faces(gen, 6, 3, 4, 4)
+    y = labels_for(6)
+
+    def run(seed):
+        return HybridMask(k=3, generator=torch.Generator().manual_seed(seed))(x, y)
+
+    a, b, c = run(11), run(11), run(12)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert not torch.equal(a[0], c[0])
+
+
+def test_fresh_key_per_call(gen):
+    """k = 1 fixes the partners and weights, so two calls differ only through the key."""
+    x = rand_faces(gen, 3, 3, 4, 4)
+    mask = HybridMask(k=1, generator=torch.Generator().manual_seed(4))
+    z1, l1, w1 = mask(x, labels_for(3))
+    z2, l2, w2 = mask(x, labels_for(3))
+    assert torch.equal(l1, l2) and torch.equal(w1, w2)
+    assert torch.equal(z1.abs(), z2.abs()) and not torch.equal(z1, z2)
+    unsigned = HybridMask(k=1, sign_flip=False)(x, labels_for(3))[0]
+    assert torch.equal(z1.abs(), unsigned.abs())
+
+
+def test_gradient_reaches_the_input(backend, gen):
+    x = rand_faces(gen, 4, 3, 4, 4).requires_grad_()
+    masked, _, weights = HybridMask(k=2, generator=torch.Generator().manual_seed(5))(x, labels_for(4))
+    (masked**2).mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_extra_repr():
+    m = HybridMask(k=3, law="dirichlet", keep="partialface", sign_flip=False, upsample=8, color="ycbcr")
+    assert m.extra_repr() == (
+        "k=3, law=dirichlet, upper=0.65, keep=partialface, sign_flip=False, "
+        "op=frontend(upsample=8, color=ycbcr), out=channels"
+    )
+    assert repr(m) == f"HybridMask({m.extra_repr()})"
+    r = HybridMask(k=2, upsample=None, keep=[1, 2, 3], out="pixels").extra_repr()
+    assert "keep=3 ids" in r and "op=freq_mix" in r and "out=pixels" in r
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=0), "k must be an int >= 1"),
+        (dict(k=2.0), "k must be an int >= 1"),
+        (dict(k=True), "k must be an int >= 1"),
+        (dict(law="uniform"), "law must be one of"),
+        (dict(out="image"), "out must be"),
+        (dict(out="pixels", upsample=8), "out='pixels' needs upsample=None"),
+        (dict(keep="most"), "keep must be one of"),
+    ],
+    ids=["k0", "k_float", "k_bool", "law", "out", "pixels_with_frontend", "keep_preset"],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HybridMask(**kwargs)
+
+
+def test_bad_forward_arguments(gen):
+    x = rand_faces(gen, 4, 3, 4, 4)
+    m = HybridMask(k=2)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        m(x, torch.arange(3))
+    with pytest.raises(ValueError, match="k must be an integer tensor"):
+        m(x, labels_for(4), k=torch.tensor([1.0, 2.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match="k must be an integer tensor"):
+        m(x, labels_for(4), k=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"k values must be in \[1, 2\]"):
+        m(x, labels_for(4), k=torch.tensor([1, 0, 2, 2]))
+    with pytest.raises(ValueError, match=r"k values must be in \[1, 2\]"):  # above the module's k
+        m(x, labels_for(4), k=torch.tensor([1, 3, 2, 2]))
