@@ -20,13 +20,15 @@ TORCH_LIBRARY(fastmix, m) {
   // signed by the counter hash of `seed` when use_seed, written as channels or (pixels=True, plain DCT
   // geometry only) as the block inverse. row_mat (Hb, 8, R), row_start (Hb), col_mat (Wb, 8, R'), col_start (Wb).
   m.def(
-      "mix_fwd(Tensor x, Tensor index, Tensor weight, Tensor pos, int n_kept, int seed, bool use_seed, "
+      "mix_fwd(Tensor x, Tensor index, Tensor weight, Tensor pos, int n_kept, SymInt seed, bool use_seed, "
       "bool pixels, Tensor row_mat, Tensor row_start, Tensor col_mat, Tensor col_start, "
       "ScalarType? out_dtype) -> Tensor");
+  // seed is a SymInt so that torch.compile keeps it symbolic: a fresh seed per step (HybridMask) must not
+  // recompile the graph. Kernels receive it as a plain int64.
   // Gradients of mix_fwd in x (deterministic: gathered through an inverse index, no atomics) and in weight.
   // Returns empty tensors for the gradients not asked for.
   m.def(
-      "mix_bwd(Tensor grad, Tensor x, Tensor index, Tensor weight, Tensor pos, int seed, bool use_seed, "
+      "mix_bwd(Tensor grad, Tensor x, Tensor index, Tensor weight, Tensor pos, SymInt seed, bool use_seed, "
       "bool pixels, Tensor row_mat, Tensor row_start, Tensor col_mat, Tensor col_start, "
       "bool need_x, bool need_w) -> (Tensor, Tensor)");
 }
