@@ -173,15 +173,32 @@ __device__ __forceinline__ void adjoint_transform(acc_t (&G)[NF], const Params& 
   }
 }
 
+// Bit a set: column a of the block's (8, r) matrix has a non-zero. Every block's patch has the largest
+// extent R, so a block whose interpolation span is shorter includes source pixels of weight exactly 0;
+// they are not read, so that a NaN there cannot reach the block (0 * NaN = NaN). All set for the DCT.
+template <int FIX, typename acc_t>
+__device__ __forceinline__ unsigned patch_mask(const acc_t* mat, int r) {
+  if (FIX) return 0xFFu;
+  unsigned bits = 0;
+  for (int a = 0; a < r; ++a) {
+    bool any = false;
+    for (int u = 0; u < BS; ++u) any |= __ldg(mat + u * r + a) != acc_t(0);
+    bits |= static_cast<unsigned>(any) << a;
+  }
+  return bits;
+}
+
 template <int FIX, typename in_t, typename acc_t>
 __device__ __forceinline__ void add_patch(acc_t (&P)[NF], const in_t* __restrict__ src, int64_t ld, int ra, int rb,
-                                          acc_t w) {
+                                          unsigned rmask, unsigned cmask, acc_t w) {
 #pragma unroll
   for (int a = 0; a < BS; ++a) {
     if (a >= ra) break;
+    if (!FIX && !((rmask >> a) & 1u)) continue;
 #pragma unroll
     for (int b = 0; b < BS; ++b) {
       if (b >= rb) break;
+      if (!FIX && !((cmask >> b) & 1u)) continue;
       P[a * BS + b] += w * static_cast<acc_t>(src[a * ld + b]);
     }
   }
@@ -210,6 +227,8 @@ __global__ void __launch_bounds__(kThreads) _mix_fwd_kernel(const Params p, cons
   const int I = static_cast<int>(q / p.Wb), J = static_cast<int>(q % p.Wb);
   const int ra = FIX ? FIX : p.R, rb = FIX ? FIX : p.Rc;
   const int64_t r0 = g.rstart[I], s0 = g.cstart[J];
+  const unsigned rmask = patch_mask<FIX>(g.rmat + static_cast<int64_t>(I) * BS * ra, ra);
+  const unsigned cmask = patch_mask<FIX>(g.cmat + static_cast<int64_t>(J) * BS * rb, rb);
 
   acc_t Cf[NF];
 #pragma unroll
@@ -220,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) _mix_fwd_kernel(const Params p, cons
       const acc_t wt = w[m * p.K + t];
       if (wt == acc_t(0)) continue;  // padded partner: skipped
       const int64_t n = checked_partner(idx, m * p.K + t, p.N);
-      add_patch<FIX>(Cf, x + ((n * p.C + c) * p.H + r0) * p.W + s0, p.W, ra, rb, wt);
+      add_patch<FIX>(Cf, x + ((n * p.C + c) * p.H + r0) * p.W + s0, p.W, ra, rb, rmask, cmask, wt);
     }
     forward_transform<FIX>(Cf, p, g, I, J);
   } else {
@@ -231,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) _mix_fwd_kernel(const Params p, cons
       acc_t T[NF];
 #pragma unroll
       for (int f = 0; f < NF; ++f) T[f] = 0;
-      add_patch<FIX>(T, x + ((n * p.C + c) * p.H + r0) * p.W + s0, p.W, ra, rb, acc_t(1));
+      add_patch<FIX>(T, x + ((n * p.C + c) * p.H + r0) * p.W + s0, p.W, ra, rb, rmask, cmask, acc_t(1));
       forward_transform<FIX>(T, p, g, I, J);
 #pragma unroll
       for (int f = 0; f < NF; ++f) {
@@ -424,7 +443,10 @@ __global__ void __launch_bounds__(NF) _mix_bwd_w_kernel(const Params p, const g_
     const int I = static_cast<int>(q / p.Wb), J = static_cast<int>(q % p.Wb);
     const int64_t r0 = g.rstart[I], s0 = g.cstart[J];
     // Partner patch (zero-padded to 8x8), thread f -> element (u, v).
-    tile[f] = (u < ra && v < rb) ? static_cast<acc_t>(x[((n * p.C + c) * p.H + r0 + u) * p.W + s0 + v]) : acc_t(0);
+    const bool live = u < ra && v < rb &&
+                      (FIX || ((patch_mask<FIX>(g.rmat + static_cast<int64_t>(I) * BS * ra, ra) >> u) & 1u &&
+                               (patch_mask<FIX>(g.cmat + static_cast<int64_t>(J) * BS * rb, rb) >> v) & 1u));
+    tile[f] = live ? static_cast<acc_t>(x[((n * p.C + c) * p.H + r0 + u) * p.W + s0 + v]) : acc_t(0);
     if (p.pixels)
       gtile[f] = static_cast<acc_t>(grad[((m * p.C + c) * p.H + r0 + u) * p.W + s0 + v]);
     __syncthreads();
