@@ -12,6 +12,7 @@ Nothing here touches a GPU or fails at import: a missing extension is reported w
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -58,11 +59,9 @@ def extension_error(name: str) -> str:
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # find_spec, not import: asking which backends exist must not load triton (about a second of import
+    # time, and `import fastmix` promises not to); the Triton modules import it when they first run.
+    return importlib.util.find_spec("triton") is not None
 
 
 def triton_interpret() -> bool:

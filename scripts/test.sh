@@ -11,19 +11,31 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_setup.sh
 
-fastmix_setup "pytest==9.0.3" "pytest-benchmark==5.2.3" "scipy==1.17.1" "triton==3.6.0"
+fastmix_setup "pytest==9.0.3" "pytest-benchmark==5.2.3" "scipy==1.17.1" "triton==3.6.0" \
+    "pyyaml==6.0.3" "tqdm==4.70.1" "matplotlib==3.11.2" "pillow==13.0.0" "scikit-image==0.26.0"
 
 if [ ! -d tests ]; then
     echo "[fastmix] WARNING: no tests/ folder: ran no test" >&2
     exit 0
 fi
-set +e
-"$PYTHON" -m pytest tests -q --durations=10 "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-    # pytest's "no tests collected": not a failure of the code, but say so loudly.
-    echo "[fastmix] WARNING: pytest collected no tests (exit 5): ran no test" >&2
-    exit 0
-fi
+
+# pytest's exit 5 means "no tests collected": not a failure of the code, but say so loudly.
+run_pytest() {
+    set +e
+    "$PYTHON" -m pytest "$@"
+    local rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then
+        echo "[fastmix] WARNING: pytest collected no tests in: $* (exit 5): ran no test" >&2
+        rc=0
+    fi
+    return "$rc"
+}
+
+rc=0
+# 1. Everything but the Triton kernels, on the CPU backends (torch reference and C++).
+run_pytest tests -q --durations=10 --ignore=tests/triton "$@" || rc=$?
+# 2. The Triton kernels on CPU tensors through Triton's interpreter (small fp32 shapes). The variable must
+#    be set before triton compiles anything, so this is a process of its own.
+TRITON_INTERPRET=1 run_pytest tests/triton -q --durations=5 "$@" || rc=$?
 exit "$rc"

@@ -11,6 +11,7 @@ per-sample k are ignored, and every backend, the reference included, implements 
 """
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -78,8 +79,18 @@ def _check_ids(ids, channels):
     return s
 
 
+@constant_result
 def keep_positions(ids: tuple[int, ...], channels: int, device) -> torch.Tensor:
-    """(channels,) int32: output slot of each channel id, -1 where removed (what the kernels read)."""
+    """(channels,) int32: output slot of each channel id, -1 where removed (what the kernels read).
+
+    Cached per (ids, channels, device): a call with the same keep set copies nothing from the host, so
+    the ops can be captured in a CUDA graph once warm.
+    """
+    return _keep_positions(ids, channels, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _keep_positions(ids, channels, device):
     pos = [-1] * channels
     for slot, i in enumerate(ids):
         pos[i] = slot
@@ -172,7 +183,15 @@ def freq_mix_ref(x, index, weight, *, keep=None, seed=None, out="channels"):
 
 @constant_result
 def dct_geometry(size: int, dtype: torch.dtype, device: torch.device):
-    """(A, start) for the plain 8x8 block DCT along one axis of length ``size``: A (size/8, 8, 8)."""
+    """(A, start) for the plain 8x8 block DCT along one axis of length ``size``: A (size/8, 8, 8).
+
+    Cached per (size, dtype, device), so that warm calls copy nothing from the host.
+    """
+    return _dct_geometry(size, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _dct_geometry(size, dtype, device):
     nb = size // BLOCK
     a = dct_matrix(BLOCK, dtype, device).expand(nb, BLOCK, BLOCK).contiguous()
     start = torch.arange(0, size, BLOCK, dtype=torch.int64, device=device)

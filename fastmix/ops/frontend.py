@@ -138,7 +138,13 @@ def _upsample_geometry_f64(size: int, upsample: int):
 
 @constant_result
 def upsample_geometry(size: int, upsample: int, dtype: torch.dtype, device: torch.device):
-    """(A (size*upsample/8, 8, R), start (size*upsample/8,)) for one axis; a constant for torch.compile."""
+    """(A (size*upsample/8, 8, R), start (size*upsample/8,)) for one axis; a constant for torch.compile,
+    cached per device so that warm calls copy nothing from the host."""
+    return _upsample_geometry(size, upsample, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _upsample_geometry(size, upsample, dtype, device):
     a, start = _upsample_geometry_f64(size, upsample)
     return a.to(dtype=dtype, device=device), start.to(device)
 

@@ -1,0 +1,727 @@
+"""GPU benchmark of fastmix's GPU backends: checks every variant, times every backend and baseline.
+
+One call, sized for a 15-minute device lease (about 6 minutes of work on an H100 / H200). It builds
+nothing: the caller installs first. On the device machine:
+
+    pip install --no-build-isolation --no-deps -e . && python benches/gpu_bench.py --out $OUT
+
+On a machine without a GPU, ``python benches/gpu_bench.py --dry-run`` runs every code path on CPU tensors
+through Triton's interpreter (tiny shapes, wall-clock timings that mean nothing) to check the script.
+
+What it does, in order (each step's numbers go to gpu_bench.json under --out; a short table prints last):
+ 1. machine: device, SM count, torch / triton versions, git commit, fastmix's Triton CONFIG;
+ 2. ceilings: device-to-device copy bandwidth (bytes read + written, 2 GiB buffers), the floor of every case;
+ 3. correctness of every variant (the Triton backend with each CONFIG point the sweep times, and the CUDA
+    backend if fastmix._C_cuda is built) against the float64 reference on fresh random inputs of small
+    and odd shapes: forward, x gradient and weight gradient, relative error, NaN never passes; outputs are
+    poisoned (the caching allocator is filled with NaN first, so an unwritten element shows);
+ 4. CUDA-graph capture and replay of the Triton forward and backward ops (no host sync inside);
+ 5. timing (triton.testing.do_bench, median; it flushes L2 between runs) at the issue's shapes:
+      fm_image_ch   freq_mix N=512 3x112x112 k=6 fp32, per-image weights, DC dropped, out="channels"
+      fm_freq_ch    the same, per-frequency weights (M, k, 64)
+      fm_image_px   per-image weights, out="pixels"
+      fm_freq_px    per-frequency weights, out="pixels"
+      fe_fp32       frontend N=512 3x112x112, upsample 8, k=4 per-image, 189 channels, fp32 out
+      fe_bf16       the same with out_dtype=bfloat16
+    forward, backward (x gradient; and x + weight gradient), peak memory (torch.cuda.max_memory_allocated
+    over what the inputs hold), for: the Triton backend (default CONFIG and the sweep), the CUDA backend,
+    the eager reference (fastmix.*_ref), torch.compile of the reference, and the published eager pipeline
+    (benches/baselines.py);
+ 6. recommendations: the fastest correct Triton CONFIG per kernel and the faster GPU backend per op (for
+    fastmix/_backend.py's GPU_PREFERENCE), printed and stored.
+A time budget (--budget-s) drops the remaining sweep points, never the checks, when the run gets long.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="fastmix GPU benchmark (see the module docstring)")
+    p.add_argument("--out", default=os.environ.get("OUT", os.path.join(HERE, "results", "gpu")),
+                   help="folder for gpu_bench.json (default $OUT, else benches/results/gpu)")
+    p.add_argument("--dry-run", action="store_true", help="CPU tensors through TRITON_INTERPRET=1, tiny shapes")
+    p.add_argument("--budget-s", type=float, default=420.0, help="stop adding sweep points after this many seconds")
+    p.add_argument("--no-compile-ref", action="store_true", help="skip torch.compile of the references (slow to compile)")
+    p.add_argument("--no-sweep", action="store_true", help="time the default CONFIG only")
+    p.add_argument("--n", type=int, default=None, help="batch size of the timed cases (default 512)")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.dry_run:
+    # Must precede the first `import triton` (the interpreter is chosen when kernels are decorated).
+    os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import fastmix  # noqa: E402
+from fastmix import _backend  # noqa: E402
+from fastmix.ops.freq_mix import dct_geometry, keep_positions  # noqa: E402
+from fastmix.ops.frontend import color_transform, to_255, upsample_geometry  # noqa: E402
+from fastmix.ops.sign import sign_ref  # noqa: E402
+
+DEV = torch.device("cpu" if ARGS.dry_run else "cuda")
+T0 = time.time()
+RESULTS: dict = {"checks": [], "graphs": [], "timings": [], "errors": []}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-3, torch.float16: 1e-3}
+
+# ----------------------------------------------------------------------------------------------------
+# Plumbing
+# ----------------------------------------------------------------------------------------------------
+
+
+def log(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def elapsed():
+    return time.time() - T0
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn, rep_ms=100.0):
+    """Median milliseconds of fn() (do_bench on CUDA; a few wall-clock calls in the dry run)."""
+    if DEV.type != "cuda":
+        ts = []
+        for _ in range(1):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+        return sorted(ts)[len(ts) // 2]
+    import triton.testing
+
+    fn()  # compile / warm
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t) * 1e3
+    rep = max(rep_ms, 5 * est)  # at least ~5 samples for slow baselines
+    return float(triton.testing.do_bench(fn, warmup=min(25.0, 2 * est + 1), rep=rep, return_mode="median"))
+
+
+def peak_extra_bytes(fn):
+    """Peak device memory one call needs beyond what was allocated before it (output included)."""
+    if DEV.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return int(peak)
+
+
+def poison():
+    """Fill the caching allocator's free memory with NaN so that outputs start as NaN, not zeros."""
+    if DEV.type != "cuda":
+        return
+    free = torch.cuda.mem_get_info()[0]
+    nbytes = min(int(free * 0.6), 24 << 30)
+    try:
+        t = torch.empty(nbytes // 4, dtype=torch.float32, device=DEV)
+        t.fill_(float("nan"))
+        del t
+    except RuntimeError:
+        pass
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64; inf if any NaN / Inf where the reference is finite."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if out.shape != ref.shape:
+        return float("inf")
+    bad = ~torch.isfinite(out) & torch.isfinite(ref)
+    if bad.any():
+        return float("inf")
+    den = ref.norm().item()
+    return (out - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+@contextlib.contextmanager
+def variant(backend: str, overrides: dict | None = None):
+    """Run with FASTMIX_BACKEND=backend and the Triton CONFIG entries in overrides (restored after)."""
+    old_env = os.environ.get("FASTMIX_BACKEND")
+    os.environ["FASTMIX_BACKEND"] = backend
+    saved = None
+    if overrides:
+        from fastmix.ops._triton import CONFIG
+
+        saved = json.loads(json.dumps(CONFIG))
+        for k, v in overrides.items():
+            if k == "tiles":
+                for kern, per_prec in v.items():
+                    CONFIG["tiles"][kern].update({p: tuple(t) for p, t in per_prec.items()})
+            else:
+                CONFIG[k] = v
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop("FASTMIX_BACKEND", None)
+        else:
+            os.environ["FASTMIX_BACKEND"] = old_env
+        if saved is not None:
+            from fastmix.ops._triton import CONFIG
+
+            CONFIG.clear()
+            CONFIG.update({k: v for k, v in saved.items() if k != "tiles"})
+            CONFIG["tiles"] = {kern: {p: tuple(t) for p, t in d.items()} for kern, d in saved["tiles"].items()}
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_baselines():
+    try:
+        import baselines  # benches/baselines.py (another file's; imported, never edited)
+
+        return baselines
+    except Exception as exc:  # a missing or broken baseline is recorded, not fatal
+        RESULTS["errors"].append(f"benches/baselines.py not importable: {exc!r}")
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------------------------
+
+NO_DC_3 = [i for i in range(3 * 64) if i % 64 != 0]  # 189 channels: the DC of each colour dropped
+NO_DC_FM = list(range(1, 3 * 64))  # freq_mix: "DC dropped" = channel 0 (the luma / first colour DC): 191
+
+
+class Case:
+    """One benchmark case: makes inputs and runs each implementation on them."""
+
+    def __init__(self, name, op, n, c, h, w, k, weights, out="channels", upsample=8, out_dtype=None, seed=1234):
+        self.name, self.op, self.n, self.c, self.h, self.w, self.k = name, op, n, c, h, w, k
+        self.weights, self.out, self.upsample, self.out_dtype, self.seed = weights, out, upsample, out_dtype, seed
+        self.keep = NO_DC_FM if op == "freq_mix" else NO_DC_3
+
+    def inputs(self, gen, n=None, dtype=torch.float32, requires_grad=False):
+        n = self.n if n is None else n
+        x = torch.randn(n, self.c, self.h, self.w, generator=gen, device=DEV, dtype=dtype)
+        if self.op == "frontend":
+            x = torch.tanh(x)  # faces live in [-1, 1]
+        index = fastmix.sample_partners(n, self.k, generator=gen)
+        if self.weights == "image":
+            wt = fastmix.sample_weights(n, self.k, generator=gen).to(DEV, dtype)
+        else:
+            wt = torch.rand(n, self.k, 64, generator=gen, device=DEV, dtype=dtype)
+        x.requires_grad_(requires_grad)
+        wt.requires_grad_(requires_grad)
+        return x, index.to(DEV), wt
+
+    def run(self, x, index, wt):
+        """The public fastmix op (backend chosen by FASTMIX_BACKEND)."""
+        if self.op == "freq_mix":
+            return fastmix.freq_mix(x, index, wt, keep=self.keep, seed=self.seed, out=self.out)
+        return fastmix.frontend(x, upsample=self.upsample, keep=self.keep, index=index, weight=wt, seed=self.seed,
+                                out_dtype=self.out_dtype)
+
+    def ref(self, x, index, wt, exact=False):
+        """The reference; exact=True keeps its output in x's dtype (float64 for checks: a bf16 output is
+        compared with the unrounded values, so the error measured is the output's own rounding)."""
+        if self.op == "freq_mix":
+            return fastmix.freq_mix_ref(x, index, wt, keep=self.keep, seed=self.seed, out=self.out)
+        return fastmix.frontend_ref(x, upsample=self.upsample, keep=self.keep, index=index, weight=wt, seed=self.seed,
+                                    out_dtype=None if exact else self.out_dtype)
+
+    def published(self, B, x, index, wt, sign):
+        if self.op == "freq_mix":
+            if self.out != "channels":
+                return None
+            return B.freq_mix_baseline(x, index, wt, keep=self.keep, sign=sign)
+        y = B.frontend_baseline(x, upsample=self.upsample, keep=self.keep, index=index, weight=wt, sign=sign)
+        return y if self.out_dtype is None else y.to(self.out_dtype)
+
+    def sign(self, m):
+        hb, wb = self.h * (self.upsample if self.op == "frontend" else 1) // 8, self.w * (
+            self.upsample if self.op == "frontend" else 1) // 8
+        return sign_ref(self.seed, m, self.c * 64, hb, wb, device=DEV)
+
+    def out_shape(self, m):
+        if self.out == "pixels":
+            return (m, self.c, self.h, self.w)
+        s = self.upsample if self.op == "frontend" else 1
+        return (m, len(self.keep), self.h * s // 8, self.w * s // 8)
+
+    def out_bytes(self, m):
+        item = torch.empty((), dtype=self.out_dtype or torch.float32).element_size()
+        return math.prod(self.out_shape(m)) * item
+
+    def floor_bytes(self, m):
+        """Fewest bytes: freq_mix reads k partner images and writes the output once (the issue's floor);
+        the frontend writes its output once (its input is 1/63 of that)."""
+        if self.op == "freq_mix":
+            return self.k * m * self.c * self.h * self.w * 4 + self.out_bytes(m)
+        return self.out_bytes(m)
+
+    def op_args(self, x, index, wt):
+        """The fastmix::mix_fwd arguments the public op would build (for op-level timing / graph capture)."""
+        cd = torch.float32
+        if self.op == "freq_mix":
+            rows, cols, src, od = dct_geometry(self.h, cd, DEV), dct_geometry(self.w, cd, DEV), x, None
+            pixels = self.out == "pixels"
+        else:
+            rows, cols = upsample_geometry(self.h, self.upsample, cd, DEV), upsample_geometry(self.w, self.upsample, cd, DEV)
+            src, od, pixels = color_transform(to_255(x.float()), "ycbcr"), self.out_dtype, False
+        pos = keep_positions(tuple(self.keep), self.c * 64, DEV)
+        w4 = wt if wt.dim() == 2 else wt.unsqueeze(2)
+        return (src, index, w4, pos, len(self.keep), self.seed, True, pixels, rows[0], rows[1], cols[0], cols[1], od)
+
+
+def cases(n):
+    return [
+        Case("fm_image_ch", "freq_mix", n, 3, 112, 112, 6, "image"),
+        Case("fm_freq_ch", "freq_mix", n, 3, 112, 112, 6, "freq"),
+        Case("fm_image_px", "freq_mix", n, 3, 112, 112, 6, "image", out="pixels"),
+        Case("fm_freq_px", "freq_mix", n, 3, 112, 112, 6, "freq", out="pixels"),
+        Case("fe_fp32", "frontend", n, 3, 112, 112, 4, "image"),
+        Case("fe_bf16", "frontend", n, 3, 112, 112, 4, "image", out_dtype=torch.bfloat16),
+    ]
+
+
+def triton_sweep():
+    """(name, CONFIG overrides, case-name prefixes it applies to). The default CONFIG comes first."""
+    t = lambda kern, prec, bl, nw: {"tiles": {kern: {prec: (bl, nw)}}}  # noqa: E731
+    fm, fe = ("fm_",), ("fe_",)
+    pts = [("triton", {}, fm + fe)]
+    if ARGS.no_sweep:
+        return pts
+    if ARGS.dry_run:  # one point of each kind of override: the code paths, not the numbers
+        return pts + [("triton:atomic_bwd", {"bwd_x_mode": "atomic"}, ("fm_image",)),
+                      ("triton:tf32x3:fused_pf", {"dot_precision_fp32": "tf32x3", "fwd_per_freq": "fused"}, ("fm_freq",)),
+                      ("triton:fwd=64x2", {"fwd_blocks": 64, "fwd_warps": 2}, ("fe_fp32",))]
+    pts += [
+        ("triton:tf32x3", {"dot_precision_fp32": "tf32x3"}, fm),
+        ("triton:fwd_dct=32x8", t("fwd_dct", "ieee", 32, 8), fm),
+        ("triton:fwd_dct=32x4", t("fwd_dct", "ieee", 32, 4), fm),
+        ("triton:fwd_dct=16x4", t("fwd_dct", "ieee", 16, 4), fm),
+        ("triton:tf32x3:fwd_dct=64x8", {"dot_precision_fp32": "tf32x3", **t("fwd_dct", "tf32x3", 64, 8)}, fm),
+        ("triton:fused_pf", {"fwd_per_freq": "fused"}, ("fm_freq",)),
+        ("triton:tf32x3:fused_pf", {"dot_precision_fp32": "tf32x3", "fwd_per_freq": "fused"}, ("fm_freq",)),
+        ("triton:atomic_bwd", {"bwd_x_mode": "atomic"}, fm),
+        ("triton:bwd_dct=32x8", t("bwd_dct", "ieee", 32, 8), fm),
+        ("triton:bwd_dct=32x4", t("bwd_dct", "ieee", 32, 4), fm),
+        ("triton:fwd=64x2", {"fwd_blocks": 64, "fwd_warps": 2}, fe),
+        ("triton:fwd=256x8", {"fwd_blocks": 256, "fwd_warps": 8}, fe),
+        ("triton:fwd=64x4", {"fwd_blocks": 64, "fwd_warps": 4}, fe),
+        ("triton:adj=64x2", {"bwd_adj_blocks": 64, "bwd_adj_warps": 2}, fe),
+        ("triton:adj=256x8", {"bwd_adj_blocks": 256, "bwd_adj_warps": 8}, fe),
+        ("triton:fold=4x128,x=2048", {"bwd_fold_rows": 4, "bwd_x_pixels": 2048}, fe),
+        ("triton:fold=16x128,x=512", {"bwd_fold_rows": 16, "bwd_x_pixels": 512}, fe),
+    ]
+    return pts
+
+
+def applies(prefixes, case):
+    return any(case.name.startswith(p) for p in prefixes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------------
+
+
+def machine_info():
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "torch": torch.__version__, "commit": git_commit(),
+        "dry_run": ARGS.dry_run, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if DEV.type == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
+    else:
+        info["device"] = "cpu (dry run: Triton interpreter)"
+    info["backends"] = _backend.available_backends(DEV)
+    try:
+        from fastmix.ops._triton import CONFIG
+
+        info["triton_config"] = json.loads(json.dumps(CONFIG))
+    except ImportError:
+        pass
+    return info
+
+
+def copy_bandwidth():
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    nbytes = (2 << 30) if DEV.type == "cuda" else (1 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEV).uniform_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), rep_ms=200)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def gpu_backends():
+    names = []
+    if "triton" in _backend.available_backends(DEV):
+        names.append("triton")
+    if DEV.type == "cuda" and "cuda" in _backend.available_backends(DEV):
+        names.append("cuda")
+    return names
+
+
+def check_variant(name, backend, overrides, case_list):
+    """Correctness of one variant on fresh inputs of small and odd shapes: forward and both gradients."""
+    gen = torch.Generator(device=DEV).manual_seed(abs(hash(name)) % 2**31)
+    small = 2 if ARGS.dry_run else 24
+    shapes = []
+    for cs in case_list:
+        if cs.op == "freq_mix":
+            h, w = (8, 16) if ARGS.dry_run else (48, 40)
+            shapes.append((cs, dict(n=small, c=3, h=h, w=w)))
+            if not ARGS.dry_run:
+                shapes.append((cs, dict(n=2, c=1, h=8, w=16)))  # C=1, H != W
+        else:
+            hw = (2, 3) if ARGS.dry_run else (13, 9)
+            shapes.append((cs, dict(n=small, c=3, h=hw[0], w=hw[1])))
+    for cs, shp in shapes:
+        sub = Case(cs.name, cs.op, shp["n"], shp["c"], shp["h"], shp["w"], min(cs.k, shp["n"]), cs.weights,
+                   out=cs.out, upsample=cs.upsample, out_dtype=cs.out_dtype, seed=cs.seed)
+        if sub.op == "freq_mix" and sub.c == 1:
+            sub.keep = list(range(1, 64))
+        rec = {"variant": name, "case": cs.name, "shape": [sub.n, sub.c, sub.h, sub.w, sub.k]}
+        try:
+            x, index, wt = sub.inputs(gen, requires_grad=True)
+            xr = x.detach().double().requires_grad_()
+            wr = wt.detach().double().requires_grad_()
+            yr = sub.ref(xr, index, wr, exact=True)
+            # The incoming gradient in the output's dtype, the same values for both sides: the backward is
+            # then checked at fp32 accuracy even for a bf16 output.
+            g = torch.randn(yr.shape, generator=gen, device=DEV).to(sub.out_dtype or torch.float32)
+            gxr, gwr = torch.autograd.grad(yr, (xr, wr), g.double())
+            poison()
+            with variant(backend, overrides):
+                y = sub.run(x, index, wt)
+                gx, gw = torch.autograd.grad(y, (x, wt), g)
+            sync()
+            tol = TOL[sub.out_dtype or torch.float32]
+            if sub.out_dtype is not None:
+                # A bf16 output cannot beat its own rounding (~2.5e-3 relative, near the issue's 3e-3): allow
+                # 1.5 x the error of the reference rounded to the same dtype (STYLE: tolerances are data).
+                # (Triton's interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: 3x in the dry run.)
+                rec["err_ref_rounded"] = rel_err(yr.to(sub.out_dtype), yr)
+                tol = max(tol, (3.0 if ARGS.dry_run else 1.5) * rec["err_ref_rounded"])
+            rec.update(err_fwd=rel_err(y, yr), err_gx=rel_err(gx, gxr), err_gw=rel_err(gw, gwr), tol=tol)
+            rec["ok"] = bool(rec["err_fwd"] <= tol and max(rec["err_gx"], rec["err_gw"]) <= TOL[torch.float32])
+        except Exception as exc:
+            rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+        RESULTS["checks"].append(rec)
+        if not rec["ok"]:
+            log(f"CHECK FAILED {name} {cs.name} {rec}")
+    return all(r["ok"] for r in RESULTS["checks"] if r["variant"] == name)
+
+
+def graph_capture(case):
+    """Capture the Triton forward + backward ops in one CUDA graph, replay, compare with an eager call."""
+    if DEV.type != "cuda" or "triton" not in gpu_backends():
+        return
+    import fastmix.ops._triton.mix  # noqa: F401
+
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    sub = Case(case.name, case.op, 16, 3, case.h, case.w, case.k, case.weights, out=case.out,
+               upsample=case.upsample, out_dtype=case.out_dtype, seed=case.seed)
+    rec = {"case": case.name}
+    try:
+        x, index, wt = sub.inputs(gen)
+        args = sub.op_args(x, index, wt)
+        y0 = torch.ops.fastmix.mix_fwd_triton(*args)
+        g = torch.randn(y0.shape, generator=gen, device=DEV).to(y0.dtype)
+        bargs = (g,) + args[:4] + args[5:12] + (True, True)
+        gx0, gw0 = torch.ops.fastmix.mix_bwd_triton(*bargs)  # warm: compiles, builds caches
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            torch.ops.fastmix.mix_fwd_triton(*args)
+            torch.ops.fastmix.mix_bwd_triton(*bargs)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y1 = torch.ops.fastmix.mix_fwd_triton(*args)
+            gx1, gw1 = torch.ops.fastmix.mix_bwd_triton(*bargs)
+        graph.replay()
+        torch.cuda.synchronize()
+        rec.update(ok=bool(torch.equal(y0, y1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1)))
+    except Exception as exc:
+        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+    RESULTS["graphs"].append(rec)
+    log(f"graph capture {case.name}: {rec}")
+
+
+def time_impl(case, impl, f, x, wt, need_bwd=True):
+    """Times f(x, wt): forward (under no_grad), backward for the x gradient alone (weights not requiring
+    grad) and for x + weight gradients, and the forward's peak extra memory. Errors are recorded."""
+    rec = {"case": case.name, "impl": impl}
+
+    def fwd():
+        with torch.no_grad():
+            return f(x, wt)
+
+    try:
+        rec["fwd_ms"] = bench_ms(fwd)
+        rec["peak_bytes"] = peak_extra_bytes(fwd)
+        if need_bwd:
+            y = f(x, wt.detach())
+            g = torch.randn(y.shape, device=DEV).to(y.dtype)
+            rec["bwd_x_ms"] = bench_ms(lambda: torch.autograd.grad(y, (x,), g, retain_graph=True))
+            del y
+            y = f(x, wt)
+            rec["bwd_xw_ms"] = bench_ms(lambda: torch.autograd.grad(y, (x, wt), g, retain_graph=True))
+            del y
+    except torch.cuda.OutOfMemoryError as exc:
+        rec["error"] = f"out of memory: {str(exc)[:200]}"
+    except Exception as exc:
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        traceback.print_exc()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+    RESULTS["timings"].append(rec)
+    log(f"  {case.name:12s} {impl:28s} " + " ".join(
+        f"{k}={v:.3f}" for k, v in rec.items() if k.endswith("_ms")) + (f" ERROR {rec['error'][:80]}" if "error" in rec else ""))
+    return rec
+
+
+def time_baselines(case, B):
+    """Pass 1 (always runs): the default Triton CONFIG, the op alone, the CUDA backend and the baselines."""
+    gen = torch.Generator(device=DEV).manual_seed(100)
+    x, index, wt = case.inputs(gen, requires_grad=True)
+    m = index.shape[0]
+    if "triton" in gpu_backends():
+        import fastmix.ops._triton.mix  # noqa: F401  (registers torch.ops.fastmix.mix_fwd_triton)
+
+        with variant("triton"):  # timed even if its check failed: the table marks failed variants
+            time_impl(case, "triton", lambda a, b: case.run(a, index, b), x, wt)
+            # the kernel's own time, without the public function's Python-side argument building
+            args = case.op_args(x.detach(), index, wt.detach())
+            time_impl(case, "triton(op only)", lambda a, b: torch.ops.fastmix.mix_fwd_triton(*args), x, wt, need_bwd=False)
+    if "cuda" in gpu_backends():
+        with variant("cuda"):
+            time_impl(case, "cuda", lambda a, b: case.run(a, index, b), x, wt)
+    # The frontend reference's backward holds the upsampled image's graph: skipped on an 80 GB card.
+    big_ref = case.op == "frontend" and DEV.type == "cuda" and torch.cuda.get_device_properties(0).total_memory < (100 << 30)
+    time_impl(case, "eager_ref", lambda a, b: case.ref(a, index, b), x, wt, need_bwd=not big_ref)
+    if B is not None and (case.op == "frontend" or case.out == "channels"):  # no published pixels output
+        # Its sign key is the materialised +-1 mask users multiply in, made outside the timed region.
+        sign = case.sign(m)
+        time_impl(case, "published", lambda a, b: case.published(B, a, index, b, sign), x, wt, need_bwd=not big_ref)
+        del sign
+    # torch.compile of the reference: the two headline cases only (each compile costs tens of seconds)
+    if (not ARGS.no_compile_ref and not ARGS.dry_run and case.name in ("fm_image_ch", "fe_fp32")
+            and elapsed() < ARGS.budget_s):
+        try:
+            torch._dynamo.reset()
+            cref = torch.compile(case.ref)
+            time_impl(case, "compiled_ref", lambda a, b: cref(a, index, b), x, wt, need_bwd=False)
+        except Exception as exc:
+            RESULTS["errors"].append(f"torch.compile of the reference on {case.name}: {exc!r}"[:300])
+
+
+def time_sweep(case, sweep, failed):
+    """Pass 2 (while the budget lasts): the Triton CONFIG sweep points that passed their checks."""
+    gen = torch.Generator(device=DEV).manual_seed(100)
+    x, index, wt = case.inputs(gen, requires_grad=True)
+    for name, overrides, prefixes in sweep[1:]:
+        if not applies(prefixes, case) or name in failed:
+            continue
+        if elapsed() > ARGS.budget_s:
+            RESULTS["errors"].append(f"budget: skipped {name} on {case.name}")
+            continue
+        with variant("triton", overrides):
+            time_impl(case, name, lambda a, b: case.run(a, index, b), x, wt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------------
+
+
+def summarize(case_list, bw):
+    rows, best = [], {}
+    by = {}
+    for r in RESULTS["timings"]:
+        by.setdefault(r["case"], {})[r["impl"]] = r
+    for cs in case_list:
+        recs = by.get(cs.name, {})
+        m = cs.n
+        floor_ms = cs.floor_bytes(m) / bw * 1e3
+        eager = recs.get("eager_ref", {}).get("fwd_ms")
+        pub = recs.get("published", {}).get("fwd_ms")
+        for impl, r in recs.items():
+            if "fwd_ms" not in r:
+                continue
+            row = {"case": cs.name, "impl": impl, "fwd_ms": r["fwd_ms"], "floor_ms": floor_ms,
+                   "pct_floor": 100 * floor_ms / r["fwd_ms"],
+                   "x_eager": eager / r["fwd_ms"] if eager else None, "x_published": pub / r["fwd_ms"] if pub else None,
+                   "bwd_x_ms": r.get("bwd_x_ms"), "bwd_xw_ms": r.get("bwd_xw_ms"),
+                   "bwd_over_fwd": (r["bwd_x_ms"] / r["fwd_ms"]) if r.get("bwd_x_ms") else None,
+                   "peak_over_out": (r["peak_bytes"] / cs.out_bytes(m)) if r.get("peak_bytes") else None}
+            rows.append(row)
+            if impl.startswith("triton") and impl != "triton(op only)":
+                b = best.get(cs.name)
+                if b is None or r["fwd_ms"] < b["fwd_ms"]:
+                    best[cs.name] = {"impl": impl, "fwd_ms": r["fwd_ms"]}
+    checked = {}
+    for c in RESULTS["checks"]:
+        checked[c["variant"]] = checked.get(c["variant"], True) and c["ok"]
+    for row in rows:
+        name = row["impl"].replace("(op only)", "")
+        row["check"] = {True: "ok", False: "FAIL"}.get(checked.get(name), "-")
+    # the faster GPU backend per op, from the default CONFIG rows
+    pref = {}
+    for op, prefix in (("freq_mix", "fm_"), ("frontend", "fe_")):
+        t = [r["fwd_ms"] for r in rows if r["case"].startswith(prefix) and r["impl"] == "triton"]
+        c = [r["fwd_ms"] for r in rows if r["case"].startswith(prefix) and r["impl"] == "cuda"]
+        if t and c:
+            pref[op] = ["cuda", "triton"] if sum(c) < sum(t) else ["triton", "cuda"]
+    return rows, best, pref
+
+
+def targets(rows):
+    """The issue's measured targets, evaluated on the default Triton rows (None where not measured)."""
+    r = {(x["case"], x["impl"]): x for x in rows}
+
+    def get(case, key, impl="triton"):
+        return r.get((case, impl), {}).get(key)
+
+    def ge(v, t):
+        return None if v is None else bool(v >= t)
+
+    def le(v, t):
+        return None if v is None else bool(v <= t)
+
+    out = {
+        "fm_image_ch >= 30x eager": ge(get("fm_image_ch", "x_eager"), 30),
+        "fm_image_ch >= 70% of floor": ge(get("fm_image_ch", "pct_floor"), 70),
+        "fe_fp32 >= 50x published": ge(get("fe_fp32", "x_published"), 50),
+        "fe_fp32 within 1.5x of writing the output": ge(get("fe_fp32", "pct_floor"), 100 / 1.5),
+        "fe_bf16 within 1.5x of writing the output": ge(get("fe_bf16", "pct_floor"), 100 / 1.5),
+        "fe_fp32 extra peak <= 5% beyond the output": le(get("fe_fp32", "peak_over_out"), 1.05),
+    }
+    for row in rows:
+        if row["impl"] == "triton" and row.get("bwd_over_fwd") is not None:
+            out[f"{row['case']} backward <= 2.5x forward"] = le(row["bwd_over_fwd"], 2.5)
+    return out
+
+
+def print_table(rows, bw, info):
+    print()
+    print(f"device: {info.get('device')}  torch {info.get('torch')}  triton {info.get('triton')}  "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s  commit {info.get('commit', '')[:10]}")
+    hdr = f"{'case':12s} {'impl':28s} {'check':>5s} {'fwd ms':>8s} {'floor':>7s} {'%floor':>6s} {'x eager':>8s} {'x publ':>7s} {'bwd_x':>8s} {'b/f':>5s} {'peak/out':>8s}"
+    print(hdr)
+    print("-" * len(hdr))
+    fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) and v is not None else "-"  # noqa: E731
+    for r in rows:
+        print(f"{r['case']:12s} {r['impl'][:28]:28s} {r['check']:>5s} {fmt(r['fwd_ms'], '%8.3f')} {fmt(r['floor_ms'], '%7.3f')} "
+              f"{fmt(r['pct_floor'], '%5.0f%%')} {fmt(r['x_eager'], '%8.1f')} {fmt(r['x_published'], '%7.1f')} "
+              f"{fmt(r['bwd_x_ms'], '%8.3f')} {fmt(r['bwd_over_fwd'], '%5.2f')} {fmt(r['peak_over_out'], '%8.2f')}")
+
+
+def main():
+    if not ARGS.dry_run and not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device (use --dry-run on a machine without a GPU)")
+        return 2
+    n = ARGS.n or (2 if ARGS.dry_run else 512)
+    if ARGS.dry_run:
+        ARGS.budget_s = min(ARGS.budget_s, 240.0)
+    os.makedirs(ARGS.out, exist_ok=True)
+    info = machine_info()
+    RESULTS["machine"] = info
+    log(f"machine: {json.dumps({k: v for k, v in info.items() if k != 'triton_config'})}")
+    backends = gpu_backends()
+    if not backends:
+        print("gpu_bench: no GPU backend available (pip install triton, or build the CUDA extension)")
+        return 2
+    bw = copy_bandwidth()
+    RESULTS["copy_bandwidth_Bps"] = bw
+    log(f"copy bandwidth {bw / 1e12:.3f} TB/s (read + write)")
+
+    case_list = cases(n)
+    if ARGS.dry_run:  # tiny shapes through the interpreter
+        for cs in case_list:
+            cs.h, cs.w = (8, 16) if cs.op == "freq_mix" else (2, 3)
+            cs.k = min(cs.k, n)
+    sweep = triton_sweep() if "triton" in backends else []
+
+    # correctness of every variant first: a variant that fails is reported and never timed
+    failed = set()
+    for name, overrides, prefixes in sweep:
+        if not check_variant(name, "triton", overrides, [c for c in case_list if applies(prefixes, c)]):
+            failed.add(name)
+    if "cuda" in backends:
+        if not check_variant("cuda", "cuda", None, case_list):
+            failed.add("cuda")
+    log(f"checks: {sum(r['ok'] for r in RESULTS['checks'])}/{len(RESULTS['checks'])} passed; failed variants: {sorted(failed)}")
+
+    for cs in (case_list[0], case_list[4]):
+        graph_capture(cs)
+
+    B = load_baselines()
+    for step, fn in (("baselines", lambda cs: time_baselines(cs, B)), ("sweep", lambda cs: time_sweep(cs, sweep, failed))):
+        for cs in case_list:
+            log(f"timing {cs.name} ({step})")
+            try:
+                fn(cs)
+            except Exception as exc:
+                RESULTS["errors"].append(f"{cs.name} ({step}): {exc!r}"[:500])
+                traceback.print_exc()
+            if DEV.type == "cuda":
+                torch.cuda.empty_cache()
+
+    rows, best, pref = summarize(case_list, bw)
+    tg = targets(rows)
+    RESULTS.update(summary=rows, best_triton_variant=best, gpu_preference=pref, failed_variants=sorted(failed),
+                   targets=tg, wall_s=elapsed())
+    path = os.path.join(ARGS.out, "gpu_bench.json")
+    with open(path, "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    log(f"wrote {path}")
+    if RESULTS["errors"]:
+        print("errors / skips:", *RESULTS["errors"][:20], sep="\n  ")
+    print("fastest correct Triton variant per case:", json.dumps(best))
+    print("GPU_PREFERENCE suggestion (fastmix/_backend.py):", json.dumps(pref) if pref else "(only one GPU backend)")
+    print("checks:", f"{sum(r['ok'] for r in RESULTS['checks'])}/{len(RESULTS['checks'])} passed;",
+          "graph capture:", [(g["case"], g["ok"]) for g in RESULTS["graphs"]], "; failed variants:", sorted(failed))
+    print("targets (default Triton CONFIG):", json.dumps(tg))
+    print_table(rows, bw, info)
+    return 1 if failed or any(not g["ok"] for g in RESULTS["graphs"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Triton backend of fastmix: fused GPU kernels for the block DCT and the mix op (freq_mix and frontend).
+
+Modules (each reads reference -> kernels -> launchers -> op registration, as the rest of fastmix/ops):
+  sign.py - the sign-flip hash of fastmix/ops/sign.py as @triton.jit helpers (uint32 arithmetic in registers)
+  dct.py  - block DCT-II / DCT-III (block = 8), op ``fastmix::block_dct_triton``
+  mix.py  - forward and backward of the fused mix, ops ``fastmix::mix_fwd_triton`` / ``fastmix::mix_bwd_triton``
+
+Nothing here is imported by ``import fastmix``: the dispatcher (fastmix/_backend.py) imports these modules
+only when the "triton" backend runs an op, so a missing triton never breaks the package. On CPU tensors the
+kernels run only under TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests on small shapes).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Launch parameters and numerics switches of the Triton kernels, read at every call (so a benchmark can
+# sweep them: benches/gpu_bench.py). The defaults are first guesses made without a GPU; the GPU session
+# replaces them with measured choices and records the measurement beside them.
+CONFIG: dict = {
+    # tl.dot operand precision for float32 data. "ieee": exact fp32 FMAs (the CPU backend's numerics;
+    # relative error ~1e-7). "tf32x3": three tf32 tensor-core products (error ~1e-6, may be faster on
+    # H100/H200). "tf32": one tf32 product (error ~3e-4: fails the 1e-5 fp32 target; never the default).
+    "dot_precision_fp32": "ieee",
+    # ... and for fp16 / bf16 inputs, whose own rounding (>= 4e-3) dominates tf32's.
+    "dot_precision_low": "tf32",
+    # x gradient of the mix op: "gather" (deterministic: partners gathered through an inverse index built
+    # with torch.sort / searchsorted on the device) or "atomic" (fp32 atomic adds, plain DCT geometry only:
+    # reads the incoming gradient once but sums in a run-dependent order). "gather" is the default.
+    "bwd_x_mode": "gather",
+    # freq_mix with per-frequency weights (plain DCT geometry): "precompute" transforms each image once
+    # (one extra pass over x, no tl.dot in the mix) or "fused" transforms every partner tile of every output
+    # (k tl.dot per tile, fewer bytes: pays only where the dot is cheap, e.g. with "tf32x3").
+    "fwd_per_freq": "precompute",
+    # (blocks per program, warps per program) of the kernels built on tl.dot, per dot precision. Chosen
+    # from the sm_90 compile reports (tests/triton/compile_sm90.py): the largest tile that compiles without
+    # register spills. Triton's fp32 "ieee" dot keeps whole operand rows in registers, so it wants 8 warps
+    # for a [64, 64] @ [64, 64] product; with 4 warps it spills. Timing on the GPU decides between them.
+    "tiles": {
+        "dct": {"ieee": (64, 8), "tf32x3": (32, 8), "tf32": (64, 4)},
+        "fwd_dct": {"ieee": (64, 8), "tf32x3": (32, 8), "tf32": (64, 4)},
+        "fwd_dct_fused_pf": {"ieee": (32, 8), "tf32x3": (32, 8), "tf32": (64, 4)},
+        "bwd_dct": {"ieee": (64, 8), "tf32x3": (32, 8), "tf32": (64, 4)},
+        "bwd_x_atomic": {"ieee": (64, 8), "tf32x3": (32, 8), "tf32": (64, 4)},
+    },
+    # The same for the kernels without tl.dot (resampling geometry and the gathers). Resampling kernels:
+    # 32 * warps blocks per program puts exactly one block per thread, so every 8x8 product, reduction
+    # and sign stays in that thread's registers and the compiled code has one layout conversion (the
+    # store) instead of 13 (sm_90 compile report, 64 blocks x 4 warps: two threads and four warps shared
+    # the u axis of each block, and every reduction over u went through shared memory).
+    "fwd_blocks": 128,
+    "fwd_warps": 4,
+    "bwd_adj_blocks": 128,
+    "bwd_adj_warps": 4,
+    "bwd_fold_rows": 8,
+    "bwd_fold_cols": 128,
+    "bwd_fold_warps": 4,
+    "bwd_x_pixels": 1024,
+    "bwd_x_warps": 4,
+}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The tl.dot input precision for data of ``dtype`` (see CONFIG)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return CONFIG["dot_precision_low"]
+    return CONFIG["dot_precision_fp32"]
+
+
+def tile_config(kernel: str, precision: str) -> tuple[int, int]:
+    """(blocks per program, warps) of a tl.dot kernel at a dot precision (see CONFIG["tiles"])."""
+    return CONFIG["tiles"][kernel][precision]
+
+
+_compat_done = False
+
+
+def interpreter_compat() -> None:
+    """Make Triton 3.6's interpreter work with numpy >= 2.4 (TRITON_INTERPRET=1 only; called by launchers).
+
+    Triton <= 3.6 converts a scalar kernel argument used as a loop bound with ``int(ndarray of shape (1,))``,
+    which numpy 2.4 rejects ("only 0-dimensional arrays can be converted to Python scalars"); later Triton
+    squeezes first. The GPU machine's Triton is 3.6, so CI may run its interpreter with a new numpy: this
+    replaces the one conversion, once, only when the interpreter is on and numpy has the new behaviour.
+    Compiled (GPU) execution never goes through it.
+    """
+    global _compat_done
+    if _compat_done or os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return
+    _compat_done = True
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    try:
+        int(np.ones(1))
+        return  # numpy < 2.4: nothing to fix
+    except TypeError:
+        pass
+    orig = getattr(interpreter, "_patch_lang_tensor", None)
+    if orig is None:
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched

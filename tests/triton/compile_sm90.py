@@ -1,0 +1,161 @@
+"""Compile the Triton kernels for Hopper (sm_90) on a machine without a GPU, and report their resources.
+
+    python tests/triton/compile_sm90.py            # every variant: registers, spill stack, shared memory
+    python tests/triton/compile_sm90.py --quick    # the variants the GPU benchmark times
+
+Triton's interpreter (TRITON_INTERPRET=1) checks what the kernels compute; it does not check that they
+compile: the interpreter accepts Python that the compiler rejects, and says nothing about register spills.
+This script runs the real compiler pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin through the ptxas that
+ships with Triton) for an sm_90 target, which needs no driver, with the launch signatures the launchers
+use (pointer and multiple-of-16 integer arguments marked divisible by 16, as Triton specialises them at
+launch). Exit status 1 if a variant fails to compile or spills (a stack frame in the resource report).
+Must run WITHOUT TRITON_INTERPRET=1 (under the interpreter, @triton.jit gives no compilable function).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+# Argument types by name (anything not listed is an i32 scalar).
+PTR_TYPES = {
+    "idx_ptr": "*i64", "order_ptr": "*i64", "offs_ptr": "*i64", "rs_ptr": "*i64", "cs_ptr": "*i64",
+    "pos_ptr": "*i32", "ilo_ptr": "*i32", "ihi_ptr": "*i32", "jlo_ptr": "*i32", "jhi_ptr": "*i32",
+    "span_ptr": "*i32", "ru_ptr": "*i8", "cu_ptr": "*i8",
+}
+# Integer arguments that are multiples of 16 at the issue's shapes (112 x 112 faces, 14 x 14 or 112 x 112 blocks).
+DIV16 = {"HW", "W", "H", "HbWb"}
+
+
+def _signature(fn, consts, dtypes):
+    if "RNE_BF16" in fn.arg_names:
+        consts.setdefault("RNE_BF16", False)  # the interpreter-only bf16 rounding is off on a GPU
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = dtypes.get(name, PTR_TYPES.get(name, "*fp32"))
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name in DIV16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def variants(quick: bool):
+    from fastmix.ops._triton import CONFIG, tile_config
+    from fastmix.ops._triton import dct as tdct
+    from fastmix.ops._triton import mix as tmix
+
+    v = []
+    for prec in ("ieee", "tf32x3"):
+        bl, nw = tile_config("dct", prec)
+        v.append((f"block_dct {prec} BL={bl} warps={nw}", tdct._block_dct_kernel,
+                  dict(INVERSE=False, CHANNELS=False, BL=bl, PREC=prec), {}, nw))
+        v.append((f"block_dct channels {prec} BL={bl} warps={nw}", tdct._block_dct_kernel,
+                  dict(INVERSE=False, CHANNELS=True, BL=bl, PREC=prec), {}, nw))
+    for prec in ("ieee", "tf32x3"):
+        for per_image, coef_in in ((True, False), (False, True), (False, False)):
+            if quick and (prec != "ieee" and not (not per_image and not coef_in)):
+                continue
+            for pixels in (False, True):
+                if quick and pixels:
+                    continue
+                bl, nw = tile_config("fwd_dct" if per_image or coef_in else "fwd_dct_fused_pf", prec)
+                v.append((f"fwd_dct per_image={per_image} coef_in={coef_in} pixels={pixels} {prec}",
+                          tmix._mix_fwd_dct_kernel,
+                          dict(PER_IMAGE=per_image, PIXELS=pixels, USE_SEED=True, COEF_IN=coef_in, BL=bl, PREC=prec),
+                          {}, nw))
+    bl, nw = CONFIG["fwd_blocks"], CONFIG["fwd_warps"]
+    for per_image in (True, False):
+        for odt in ("*fp32", "*bf16"):
+            v.append((f"fwd (resampling) R=3 per_image={per_image} out={odt}", tmix._mix_fwd_kernel,
+                      dict(RA=3, RB=3, PER_IMAGE=per_image, USE_SEED=True, BL=bl), {"out_ptr": odt}, nw))
+    if not quick:
+        v.append(("fwd (resampling) R=5", tmix._mix_fwd_kernel,
+                  dict(RA=5, RB=5, PER_IMAGE=True, USE_SEED=True, BL=bl), {}, nw))
+    bl, nw = tile_config("bwd_dct", "ieee")
+    for per_image in (True, False):
+        for need_w in (False, True):
+            v.append((f"bwd_dct per_image={per_image} need_w={need_w}", tmix._mix_bwd_dct_kernel,
+                      dict(PER_IMAGE=per_image, USE_SEED=True, NEED_X=True, NEED_W=need_w,
+                           BL=bl, PREC="ieee"), {}, nw))
+    bl, nw = tile_config("bwd_x_atomic", "ieee")
+    v.append(("bwd_x_atomic per_image", tmix._mix_bwd_x_atomic_kernel,
+              dict(PER_IMAGE=True, USE_SEED=True, BL=bl, PREC="ieee"), {}, nw))
+    bl, nw = CONFIG["bwd_adj_blocks"], CONFIG["bwd_adj_warps"]
+    for per_image in (True, False):
+        v.append((f"bwd_adj R=3 per_image={per_image}", tmix._mix_bwd_adj_kernel,
+                  dict(RA=3, RB=3, PER_IMAGE=per_image, USE_SEED=True, WRITE_T=True, NEED_W=not per_image, BL=bl),
+                  {}, nw))
+    v.append(("bwd_fold R=3", tmix._mix_bwd_fold_kernel,
+              dict(RA=3, RB=3, BY=CONFIG["bwd_fold_rows"], BX=CONFIG["bwd_fold_cols"]), {}, CONFIG["bwd_fold_warps"]))
+    for per_image in (True, False):
+        v.append((f"bwd_x per_image={per_image}", tmix._mix_bwd_x_kernel,
+                  dict(PER_IMAGE=per_image, NEED_X=True, NEED_W=per_image, BP=CONFIG["bwd_x_pixels"]), {},
+                  CONFIG["bwd_x_warps"]))
+    return v
+
+
+def compile_one(fn, consts, dtypes, num_warps, arch=90):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs = _signature(fn, consts, dtypes)
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def resources(compiled):
+    """(registers, stack bytes) from cuobjdump -res-usage on the cubin (cuobjdump ships with Triton)."""
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m[1]), int(m[2])) if m else (-1, -1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="only the variants the GPU benchmark times")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("compile_sm90: unset TRITON_INTERPRET (the interpreter gives no compilable kernels)")
+        return 2
+    bad = 0
+    print(f"{'variant':64s} {'regs':>5s} {'stack':>6s} {'smem':>7s} {'wgmma':>5s} {'sec':>5s}")
+    for label, fn, consts, dtypes, nw in variants(args.quick):
+        t0 = time.time()
+        try:
+            c = compile_one(fn, consts, dtypes, nw)
+        except Exception as exc:  # report every failure, then fail
+            print(f"{label:64s} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            bad += 1
+            continue
+        regs, stack = resources(c)
+        wg = c.asm["ttgir"].count("warp_group_dot")
+        print(f"{label:64s} {regs:5d} {stack:6d} {c.metadata.shared:7d} {wg:5d} {time.time() - t0:5.1f}", flush=True)
+        if stack > 0:
+            bad += 1
+    print("compile_sm90:", "all variants compiled without spills" if not bad else f"{bad} variant(s) failed or spilled")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
