@@ -114,8 +114,11 @@ def choose(device: torch.device, op: str) -> str:
     return "torch"
 
 
-# Default GPU backend per op; the GPU issue sets these from measurements (benches/gpu_bench.py).
-GPU_PREFERENCE: dict[str, tuple[str, ...]] = {}
+# Default GPU backend per op, first available wins. The CUDA C++ extension implements the fused mix
+# (freq_mix, frontend) only; the block DCT runs on Triton. The freq_mix/frontend order should follow the
+# measurements of benches/gpu_bench.py (not yet run on a GPU: CUDA first is a guess).
+GPU_PREFERENCE: dict[str, tuple[str, ...]] = {"block_dct": ("triton",), "block_idct": ("triton",)}
+CUDA_OPS = ("freq_mix", "frontend")
 
 
 def _gpu_preference(op: str) -> tuple[str, ...]:
@@ -134,6 +137,8 @@ def _require(name: str, device: torch.device, op: str) -> None:
                 f"Build it with: {BUILD_HINT}; or set FASTMIX_BACKEND=torch for the reference."
             )
     elif name == "cuda":
+        if op not in CUDA_OPS:
+            raise RuntimeError(f"fastmix.{op}: the cuda backend implements {', '.join(CUDA_OPS)} only; use triton or torch")
         if device.type != "cuda":
             raise RuntimeError(f"fastmix.{op}: FASTMIX_BACKEND=cuda runs CUDA tensors only, got a {device} tensor")
         if cuda_extension() is None:
