@@ -1,0 +1,101 @@
+"""Smoke runs of each attack (tiny, CPU, synthetic faces) and the exactness of the attacker's tools."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmix
+from training.data import to_float
+from training.privacy import attacks as A
+
+from conftest import defence_for, synthetic
+
+DEFENCES = [("none", {}), ("ppfr", {}), ("partialface", {}), ("dctdp", {}), ("instahide", {"k": 3}),
+            ("hybrid", {"k": 6, "sign_flip": True}), ("adaptive", {})]
+
+
+@pytest.mark.parametrize("name,over", DEFENCES, ids=[d[0] for d in DEFENCES])
+def test_protect_shapes_and_targets(name, over):
+    d = defence_for(name, **over)
+    x = to_float(synthetic().images[:8])
+    p = A.protect(d, x, torch.Generator().manual_seed(0), k_dist={2: 1.0, 5: 1.0} if name == "adaptive" else None)
+    assert p.z.shape[0] == 8 and p.target.shape == (8,)
+    assert (p.seed is not None) == (name == "instahide" or over.get("sign_flip", False))
+    img = A.pseudo_inverse(d, p.z)
+    assert img.shape == x.shape and torch.isfinite(img).all()
+    if name not in ("instahide", "hybrid", "adaptive"):
+        assert torch.equal(p.target, torch.arange(8))
+
+
+def test_pseudo_inverse_is_exact_on_kept_channels_and_removes_known_signs():
+    """S2's tool: with the key, the signed mix decodes to the unsigned mix (the key is an involution)."""
+    d = defence_for("hybrid", k=4, sign_flip=True)
+    x = to_float(synthetic().images[:8])
+    g = torch.Generator().manual_seed(3)
+    index = fastmix.sample_partners(8, 4, generator=g)
+    w = fastmix.sample_weights(8, 4, generator=g)
+    signed = d.frontend(x, keep=d.ids, index=index, weight=w, seed=1234)
+    plain = d.frontend(x, keep=d.ids, index=index, weight=w)
+    assert not torch.allclose(signed, plain)
+    torch.testing.assert_close(A.pseudo_inverse(d, signed, seed=1234), A.pseudo_inverse(d, plain), atol=1e-4, rtol=1e-4)
+    # no mixing, no DC drop: the pseudo-inverse gives the face back
+    f = defence_for("freq")
+    torch.testing.assert_close(A.pseudo_inverse(f, f.frontend(x, keep=f.ids)), x, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,over,known", [("none", {}, False), ("hybrid", {"k": 3, "sign_flip": True}, True),
+                                             ("adaptive", {}, False)], ids=["none-S1", "hybrid-S2", "adaptive-S1"])
+def test_decoder_smoke(name, over, known):
+    d = defence_for(name, **over)
+    faces = synthetic(4, 4)
+    dec = A.train_decoder(d, faces.images, sign_known=known, steps=2, batch=4, width=4, k_dist={3: 1.0} if name == "adaptive" else None)
+    shown, rec, tg = A.reconstruct(dec, faces.images[:6], batch=3, k_dist={3: 1.0} if name == "adaptive" else None)
+    assert rec.shape == (6, 1, 56, 56) and shown.shape == (6, 1, 56, 56) and tg.shape == (6,)
+    assert rec.abs().max() <= 1 and int(tg.max()) < 6
+
+
+def _model(name, **over):
+    from training.loss import MarginHead
+    from training.model import build_model
+
+    d = defence_for(name, **over)
+    c, s = d.out_shape()
+    torch.manual_seed(0)
+    return A.DefendedModel(d, build_model("tiny", c, s, 16), MarginHead(16, 4, "cosface", 30.0, 0.2))
+
+
+@pytest.mark.parametrize("name,over", [("none", {}), ("hybrid", {"k": 4, "sign_flip": True}), ("dctdp", {})], ids=["none", "hybrid-signs", "dctdp"])
+def test_white_box_inversion_smoke_and_gradient_flows_through_fastmix(name, over):
+    m = _model(name, **over)
+    x = torch.zeros(2, 1, 56, 56, requires_grad=True)
+    m(x)[:, 0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # the front-end is differentiable in x
+    inv = A.invert_white_box(m, torch.tensor([0, 3]), (1, 56, 56), steps=3)
+    assert inv.shape == (2, 1, 56, 56) and inv.abs().max() <= 1
+
+
+def test_black_box_inversion_smoke_uses_only_scores():
+    m = _model("hybrid", k=4)
+    basis = A.FaceBasis(synthetic(4, 4).images, dims=8)
+    inv = A.invert_black_box(m, torch.tensor([1, 2]), basis, iters=2, pop=4)
+    assert inv.shape == (2, 1, 56, 56) and m.queries == 2 * 2 * 4
+    s = m.scores(inv)
+    assert torch.allclose(s.sum(1), torch.ones(2)) and not s.requires_grad
+
+
+def test_black_box_nes_climbs_a_score():
+    """NES on a transparent score (p(target) rises with the mean brightness) must raise it."""
+
+    class Bright(torch.nn.Module):
+        queries = 0
+
+        def scores(self, x):
+            self.queries += x.shape[0]
+            m = x.mean((1, 2, 3))
+            return torch.softmax(torch.stack([4 * m, -4 * m], 1), 1)
+
+    basis = A.FaceBasis(synthetic(4, 4).images, dims=8)
+    m = Bright()
+    start = m.scores(basis.image(torch.zeros(1, 8)))[0, 0]
+    out = A.invert_black_box(m, torch.tensor([0]), basis, iters=30, pop=10, sigma=0.5, lr=0.3)
+    assert m.scores(out)[0, 0] > start + 0.05

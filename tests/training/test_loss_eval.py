@@ -1,0 +1,68 @@
+"""Margin heads, the mixed-label loss, and the verification / identification metrics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.eval import best_threshold, identification, verification
+from training.loss import MarginHead, mixed_label_loss
+from training.model import build_model
+
+
+@pytest.mark.parametrize("kind", ["arcface", "cosface"])
+def test_mixed_label_loss_is_the_weighted_sum(kind):
+    torch.manual_seed(0)
+    head = MarginHead(8, 5, kind, s=16, m=0.3)
+    emb = torch.randn(4, 8)
+    labels = torch.tensor([[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 0]])
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.4, 0.0], [1.0, 0.0, 0.0], [0.2, 0.2, 0.6]])
+    got = mixed_label_loss(head, emb, labels, w)
+    cos = head.cosine(emb)
+    want = sum(w[:, t] * F.cross_entropy(head.logits(cos, labels[:, t]), labels[:, t], reduction="none") for t in range(3))
+    torch.testing.assert_close(got, want)
+    # k = 1: the plain margin loss
+    one = mixed_label_loss(head, emb, labels[:, :1], torch.ones(4, 1))
+    torch.testing.assert_close(one, F.cross_entropy(head.logits(cos, labels[:, 0]), labels[:, 0], reduction="none"))
+
+
+def test_margins():
+    head = MarginHead(2, 2, "arcface", s=1.0, m=0.5)
+    cos = torch.tensor([[math.cos(0.3), 0.1]])
+    lg = head.logits(cos, torch.tensor([0]))
+    assert math.isclose(float(lg[0, 0]), math.cos(0.8), rel_tol=1e-5) and math.isclose(float(lg[0, 1]), 0.1, rel_tol=1e-6)
+    head = MarginHead(2, 2, "cosface", s=2.0, m=0.35)
+    lg = head.logits(cos, torch.tensor([1]))
+    assert math.isclose(float(lg[0, 1]), 2 * (0.1 - 0.35), rel_tol=1e-5)
+
+
+def test_verification_metrics():
+    same = torch.tensor([True, False] * 500)
+    scores = torch.where(same, 0.8, 0.1) + 0.01 * torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    r = verification(scores, same)
+    assert r["accuracy"] == 1.0 and r["tar_at_far"] == 1.0 and r["folds"] == 10 and r["far_resolution"] == 1 / 500
+    thr, acc = best_threshold(torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([False, False, True, True]))
+    assert acc == 1.0 and 0.2 < thr < 0.3
+    # one impostor above every genuine pair: at FAR 1e-3 of 500 impostors nothing may be accepted above it
+    scores2 = scores.clone()
+    scores2[1] = 0.99
+    assert verification(scores2, same)["tar_at_far"] == 0.0
+
+
+def test_identification():
+    g = F.normalize(torch.eye(3).repeat_interleave(2, 0) + 0.01)
+    gl = torch.arange(3).repeat_interleave(2)
+    p = F.normalize(torch.eye(3) + 0.05)
+    r = identification(g, gl, p, torch.tensor([0, 1, 2]))
+    assert r["accuracy"] == 1.0 and r["accuracy_1nn"] == 1.0
+
+
+@pytest.mark.parametrize("arch,c,s", [("iresnet18", 189, 112), ("iresnet18", 63, 14), ("iresnet34", 3, 112), ("iresnet50", 189, 14), ("small", 1, 112), ("small", 63, 14)])
+def test_backbones_take_frequency_channels(arch, c, s):
+    m = build_model(arch, c, s, embedding=32, width=0.25 if arch.startswith("iresnet") else 1.0).eval()
+    with torch.no_grad():
+        assert m(torch.randn(2, c, s, s)).shape == (2, 32)
+    full = build_model("iresnet50", 189, 112, 512)
+    assert full.stem[0].in_channels == 189 and full.fc.in_features == 512 * 49

@@ -1,0 +1,150 @@
+"""YAML configs: defaults, loading, dotted overrides (``--set train.steps=10``)."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import yaml
+
+# Every key a config may set, with its default. A config file overrides a subset; an unknown key is an
+# error (a typo must not silently train the wrong thing).
+DEFAULTS: dict = {
+    "name": "run",
+    "seed": 0,
+    "out_dir": "out/{name}",
+    "data": {
+        "kind": "orl",  # orl | lfw | imagefolder | recordio | synthetic
+        "root": None,  # default: <data root>/orl_faces, <data root>/lfw, required for imagefolder / recordio
+        # "grey": C=1, images read as L, frontend color="none" (what ORL / LFW are; no wasted chroma).
+        # "rgb": C=3, grey images replicated to 3 identical channels, frontend color="ycbcr" (the published
+        # pipeline; on a grey face Cb = Cr = 0, so 2/3 of the channels carry nothing).
+        "color": "grey",
+        "size": 112,
+        "crop": None,  # centre crop (pixels, square) of the source image before resizing to size
+        # orl: per-identity split of the 10 images (closed-set identification on held-out images)
+        "train_per_id": 6,
+        "val_per_id": 1,
+        # lfw / imagefolder: identity-disjoint split
+        "min_images": 10,  # train identities need at least this many images
+        "max_identities": None,
+        "max_per_id": None,
+        "val_identities": 0.1,  # fraction (or count) of identities held out for the policy's utility term
+        "test_identities": 0.0,  # imagefolder without a pair list: identities held out for the test pairs
+        "pairs": None,  # lfw: pair list evaluated at the end (default <data root>/lfw_pairsDevTest.txt)
+        "bin_sets": [],  # .bin verification sets evaluated at the end (InsightFace format)
+        "val_pairs": 300,  # genuine + impostor pairs drawn from the validation identities
+        "test_pairs": 1000,  # ... and from the test identities (imagefolder without a pair list)
+        "num_workers": 0,
+        "flip": True,  # random horizontal flip (drawn from the loop's data generator)
+        # synthetic (tests): identities x images of random smooth faces
+        "synthetic_ids": 8,
+        "synthetic_per_id": 6,
+    },
+    "defence": {
+        "name": "adaptive",  # none | freq | ppfr | partialface | dctdp | instahide | hybrid | adaptive
+        "upsample": 1,  # frontend bilinear factor: 8 -> 112x112 channels (published), 1 -> 14x14
+        "keep": "no_dc",  # hybrid / adaptive keep preset or ids
+        "k": 3,  # instahide / hybrid
+        "k_choices": [2, 3, 4, 5, 6],  # adaptive
+        "law": "instahide",
+        "upper": 0.65,
+        "alpha": 1.0,
+        "sign_flip": False,  # hybrid / adaptive; instahide always flips
+        "drop_lowest": 1,  # ppfr: drop frequencies with u + v < drop_lowest (1: the DC only)
+        "partialface_subsets": 6,  # partialface: channels split into this many random subsets
+        "partialface_eval": "random",  # random subset at test time, or "all" kept channels
+        "dctdp_epsilon": 1.0,  # dctdp: total privacy budget (per kept channel on average)
+        "dctdp_sensitivity": 1.0,
+        "eval_mix": False,  # mix test faces too (k=1 when False: masked, not mixed)
+        "global_partners": False,  # DDP: draw partners from the global batch across ranks
+    },
+    "model": {
+        "arch": "small",  # small | iresnet18 | iresnet34 | iresnet50
+        "embedding": 128,
+        "width": 1.0,
+        "dropout": 0.0,
+    },
+    "head": {"type": "cosface", "s": 32.0, "m": 0.35},
+    "train": {
+        "steps": 300,
+        "batch_size": 40,
+        "optimizer": "sgd",  # sgd | adamw
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "warmup": 20,
+        "schedule": "cosine",  # cosine | constant
+        "amp": "bf16",  # on CUDA only: bf16 | fp16 | off
+        "ckpt_every": 0,  # 0: only at the end
+        "log_every": 10,
+        "eval_every": 50,  # held-out validation (drives the policy's utility term)
+        "progress": True,
+        "threads": None,
+        "device": "auto",  # auto | cpu | cuda
+        "max_steps_this_run": None,  # stop after this many steps (to test resume); None: run to the end
+    },
+    "policy": {
+        "mode": "batch",  # batch | sample
+        "hidden": 32,
+        "lr": 0.01,
+        "update_every": 5,  # FR steps between policy steps
+        "entropy": 0.01,
+        "baseline_momentum": 0.9,
+        "loss_momentum": 0.95,
+        "target_acc": 0.8,  # utility target on held-out validation
+        "penalty": 4.0,  # lambda of the utility term
+        "init": "uniform",
+    },
+    "eval": {"batch_size": 100, "tta_flip": False, "folds": 10, "far": 1e-3},
+}
+
+
+def _merge(base: dict, over: dict, path: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, val in (over or {}).items():
+        where = f"{path}{key}"
+        if key not in base:
+            raise KeyError(f"unknown config key {where!r}")
+        if isinstance(base[key], dict):
+            if not isinstance(val, dict):
+                raise TypeError(f"config key {where!r} must be a mapping")
+            out[key] = _merge(base[key], val, where + ".")
+        else:
+            out[key] = val
+    return out
+
+
+def apply_overrides(cfg: dict, sets: list[str] | None) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML: numbers, lists, null)."""
+    cfg = copy.deepcopy(cfg)
+    for item in sets or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node, parts = cfg, key.split(".")
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], dict):
+                raise KeyError(f"unknown config key {key!r}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise KeyError(f"unknown config key {key!r}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, sets: list[str] | None = None, overrides: dict | None = None) -> dict:
+    """Defaults <- YAML file <- ``overrides`` dict <- ``--set`` strings."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        with open(path) as f:
+            cfg = _merge(cfg, yaml.safe_load(f) or {})
+    if overrides:
+        cfg = _merge(cfg, overrides)
+    cfg = apply_overrides(cfg, sets)
+    cfg["out_dir"] = str(cfg["out_dir"]).format(name=cfg["name"])
+    return cfg
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent

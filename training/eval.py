@@ -1,0 +1,112 @@
+"""Evaluation: verification on identity-disjoint pairs and closed-set identification.
+
+Faces pass through the defence's test-time encoding (``Defence.encode_eval``: masked, not mixed) and the
+backbone in eval mode; embeddings are L2-normalised and compared by cosine similarity.
+
+Verification (LFW protocol): the pairs are cut into 10 contiguous folds; for each fold the threshold that
+maximises accuracy on the other 9 is applied to it; accuracy is the mean (and std) over folds. TAR at
+FAR = 1e-3: the threshold is the smallest score that accepts at most FAR of the impostor pairs, TAR is the
+share of genuine pairs above it. With n impostor pairs the FAR resolution is 1/n (500 impostors in LFW
+pairsDevTest: FAR = 1e-3 means no false accept at all); the result reports that resolution.
+
+Identification (ORL): each identity's gallery embedding is the normalised mean of its training images'
+embeddings; a probe is assigned to the nearest identity (top-1 accuracy).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import IdentSet, PairSet, to_float
+
+
+@torch.no_grad()
+def embed(backbone, defence, images_u8: torch.Tensor, device, batch: int = 100, seed: int = 0, flip: bool = False) -> torch.Tensor:
+    """(N, C, S, S) uint8 -> (N, E) L2-normalised float32 embeddings (test-time encoding of the defence)."""
+    was = backbone.training
+    backbone.eval()
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(1_000_003 + seed)  # eval randomness: fixed, apart from training
+    out = []
+    try:
+        for i in range(0, images_u8.shape[0], batch):
+            x = to_float(images_u8[i : i + batch].to(dev))
+            e = backbone(defence.encode_eval(x, g)).float()
+            if flip:
+                e = e + backbone(defence.encode_eval(x.flip(-1), g)).float()
+            out.append(F.normalize(e).cpu())
+    finally:
+        backbone.train(was)
+    return torch.cat(out) if out else torch.zeros(0, 1)
+
+
+def best_threshold(scores: torch.Tensor, same: torch.Tensor) -> tuple[float, float]:
+    """Threshold on cosine scores that maximises accuracy (score > thr means "same"); (thr, accuracy)."""
+    s, order = scores.sort()
+    y = same[order].float()
+    n = y.numel()
+    # threshold between s[i-1] and s[i]: pairs < i are "different"; correct = (different below) + (same above)
+    neg_below = torch.cat([torch.zeros(1), torch.cumsum(1 - y, 0)])
+    pos_above = y.sum() - torch.cat([torch.zeros(1), torch.cumsum(y, 0)])
+    acc = (neg_below + pos_above) / n
+    i = int(acc.argmax())
+    lo = s[i - 1] if i > 0 else s[0] - 1e-3
+    hi = s[i] if i < n else s[-1] + 1e-3
+    return float((lo + hi) / 2), float(acc[i])
+
+
+def verification(scores: torch.Tensor, same: torch.Tensor, folds: int = 10, far: float = 1e-3) -> dict:
+    """10-fold accuracy and TAR@FAR of pair scores (P,) with ground truth same (P,) bool."""
+    scores, same = scores.float().cpu(), same.bool().cpu()
+    p = scores.numel()
+    folds = max(2, min(folds, p))
+    edges = torch.linspace(0, p, folds + 1).round().long().tolist()
+    accs = []
+    for f in range(folds):
+        te = torch.zeros(p, dtype=torch.bool)
+        te[edges[f] : edges[f + 1]] = True
+        if te.sum() == 0:
+            continue
+        thr, _ = best_threshold(scores[~te], same[~te])
+        accs.append(float(((scores[te] > thr) == same[te]).float().mean()))
+    acc = torch.tensor(accs)
+    imp, gen = scores[~same], scores[same]
+    n_imp = imp.numel()
+    if n_imp and gen.numel():
+        allowed = int(far * n_imp)  # false accepts allowed
+        top = imp.sort(descending=True).values
+        thr = float(top[allowed]) if allowed < n_imp else float(top[-1]) - 1e-6
+        tar = float((gen > thr).float().mean())
+    else:
+        thr, tar = float("nan"), float("nan")
+    return {
+        "accuracy": float(acc.mean()), "accuracy_std": float(acc.std()) if acc.numel() > 1 else 0.0, "folds": folds,
+        "tar_at_far": tar, "far": far, "far_resolution": 1.0 / max(n_imp, 1), "far_threshold": thr,
+        "pairs": p, "genuine": int(gen.numel()), "impostor": n_imp,
+    }
+
+
+def identification(gallery: torch.Tensor, g_labels: torch.Tensor, probe: torch.Tensor, p_labels: torch.Tensor) -> dict:
+    """Nearest-class-mean top-1 accuracy of probes (and 1-NN accuracy) against gallery embeddings."""
+    classes = torch.unique(g_labels)
+    centers = torch.stack([gallery[g_labels == c].mean(0) for c in classes])
+    pred = classes[(probe @ F.normalize(centers).t()).argmax(1)]
+    nn_pred = g_labels[(probe @ gallery.t()).argmax(1)]
+    return {
+        "accuracy": float((pred == p_labels).float().mean()),
+        "accuracy_1nn": float((nn_pred == p_labels).float().mean()),
+        "probes": int(p_labels.numel()), "classes": int(classes.numel()),
+    }
+
+
+def evaluate(task, backbone, defence, device, batch: int = 100, flip: bool = False, folds: int = 10, far: float = 1e-3) -> dict:
+    """Evaluate one PairSet (verification) or IdentSet (identification); returns a dict with "accuracy"."""
+    if isinstance(task, PairSet):
+        e = embed(backbone, defence, task.images, device, batch, flip=flip)
+        scores = (e[0::2] * e[1::2]).sum(1)
+        return {"task": "verification", "set": task.name, **verification(scores, task.issame, folds, far)}
+    if isinstance(task, IdentSet):
+        g = embed(backbone, defence, task.gallery.images, device, batch, seed=1, flip=flip)
+        p = embed(backbone, defence, task.probe.images, device, batch, seed=2, flip=flip)
+        return {"task": "identification", "set": task.name, **identification(g, task.gallery.labels, p, task.probe.labels)}
+    raise TypeError(f"cannot evaluate {type(task).__name__}")

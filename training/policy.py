@@ -1,0 +1,179 @@
+"""The strategy network pi(k | state): how many faces the adaptive hybrid mask mixes.
+
+State (18 numbers, per batch or per sample):
+    15  log band energies of the face's 8x8 block DCT (fastmix.frontend, upsample 1, no mixing): the mean
+        squared coefficient over blocks and colours of each anti-diagonal band u + v = 0..14, as
+        log1p(e) / 10 -- how much low- versus high-frequency content the faces carry;
+     1  training progress, step / total steps;
+     1  the FR loss's moving average L_ema / log(num_classes) (how hard the task currently is);
+     1  the latest held-out validation accuracy (0 before the first evaluation).
+    Per batch: the mean state of the batch. Per sample: each face's own bands, the shared scalars.
+
+Action: k in ``k_choices`` (default 2..6), sampled from a softmax over an MLP 18 -> H -> H -> |K|.
+
+Reward of an action (per batch: of the batch; per sample: of the face):
+    r = L_mix / L_ema  -  lambda * max(0, acc_target - acc_val) * (k - k_min) / (k_max - k_min)
+where L_mix is the mixed-label FR loss of the mixed batch (or face) measured in the FR step that used k,
+L_ema its moving average (momentum ``loss_momentum``, so the privacy term is ~1 and scale-free), acc_val the
+latest held-out verification / identification accuracy. The first term is privacy: the policy maximises
+what the FR network minimises (more partners, harder to recognise, harder to invert). The second is utility:
+while validation accuracy is below the target, every extra partner costs lambda * gap / (k_max - k_min), so
+the equilibrium is not "always k_max". Defaults: lambda = 4.0, acc_target = 0.8.
+
+Update (REINFORCE with a baseline), every ``update_every`` FR steps over the actions taken since the last one:
+    A = r - b,   loss = -mean(A * log pi(k | s)) - beta * mean(H(pi(. | s))),   b <- mu b + (1 - mu) mean(r)
+with beta = ``entropy`` (0.01) and mu = ``baseline_momentum`` (0.9). Under DDP the rewards' mean and the
+policy gradients are averaged over ranks, so every rank keeps the same policy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import fastmix
+
+BANDS = 15
+STATE_DIM = BANDS + 3
+
+
+def band_energies(x: torch.Tensor, color: str) -> torch.Tensor:
+    """(N, C, S, S) faces in [-1, 1] -> (N, 15) log1p band energies / 10 of their 8x8 block DCT."""
+    with torch.no_grad():
+        z = fastmix.frontend(x.float(), upsample=1, color=color)  # (N, C*64, S/8, S/8)
+        n = z.shape[0]
+        e = z.pow(2).mean((2, 3)).view(n, -1, 64).mean(1)  # (N, 64): u*8 + v
+        uv = torch.arange(64, device=z.device)
+        band = uv // 8 + uv % 8
+        out = torch.zeros(n, BANDS, device=z.device).index_add_(1, band, e)
+        cnt = torch.zeros(BANDS, device=z.device).index_add_(0, band, torch.ones(64, device=z.device))
+        return torch.log1p(out / cnt) / 10.0
+
+
+class PolicyNet(nn.Module):
+    def __init__(self, n_actions: int, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(STATE_DIM, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, n_actions))
+        nn.init.zeros_(self.net[-1].weight)  # start uniform over k
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, s):
+        return self.net(s)
+
+
+class Policy(nn.Module):
+    """pi(k | state) with its REINFORCE bookkeeping (baseline, loss average, last validation accuracy)."""
+
+    def __init__(self, cfg: dict, k_choices, num_classes: int, color: str, seed: int, device):
+        super().__init__()
+        self.cfg = cfg
+        self.mode = cfg["mode"]
+        if self.mode not in ("batch", "sample"):
+            raise ValueError(f"policy.mode must be 'batch' or 'sample', got {self.mode!r}")
+        self.register_buffer("k_values", torch.tensor(sorted(int(k) for k in k_choices), dtype=torch.int64))
+        self.net = PolicyNet(len(self.k_values), int(cfg["hidden"]))
+        self.color = color
+        self.log_classes = math.log(max(2, num_classes))
+        self.generator = torch.Generator().manual_seed(seed + 31337)  # CPU: the policy is tiny
+        # running statistics, saved with the policy (buffers travel in state_dict)
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("loss_ema", torch.zeros(()))
+        self.register_buffer("val_acc", torch.zeros(()))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        self.to(device)
+        self.buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.last_state: torch.Tensor | None = None
+
+    # -- acting --------------------------------------------------------------------------------------
+    def state(self, x: torch.Tensor, progress: float) -> torch.Tensor:
+        """(N, 18) per-sample states, or (1, 18) for per-batch mode."""
+        bands = band_energies(x, self.color)
+        if self.mode == "batch":
+            bands = bands.mean(0, keepdim=True)
+        ema = float(self.loss_ema) / self.log_classes
+        scal = torch.tensor([progress, ema, float(self.val_acc)], device=bands.device).expand(bands.shape[0], 3)
+        self.last_state = torch.cat([bands, scal], 1).to(self.k_values.device)
+        return self.last_state
+
+    def probs(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(s).float(), -1)
+
+    @torch.no_grad()
+    def act(self, s: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample actions for states s; returns (k per face (n,) int64 on CPU, action indices (len(s),))."""
+        p = self.probs(s).cpu()
+        a = torch.multinomial(p, 1, generator=self.generator).flatten()
+        k = self.k_values.cpu()[a]
+        return (k.expand(n).clone() if self.mode == "batch" else k), a
+
+    # -- rewards and updates -------------------------------------------------------------------------
+    def reward(self, loss: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """r = L_mix / L_ema - lambda * max(0, target - acc_val) * (k - k_min) / (k_max - k_min)."""
+        loss = loss.detach().float().cpu()
+        if self.mode == "batch":
+            loss = loss.mean().view(1)
+        ema = float(self.loss_ema) if float(self.loss_ema) > 0 else float(loss.mean())
+        k = self.k_values.cpu()[actions].float()
+        kmin, kmax = float(self.k_values.min()), float(self.k_values.max())
+        span = max(kmax - kmin, 1.0)
+        gap = max(0.0, float(self.cfg["target_acc"]) - float(self.val_acc))
+        return loss / max(ema, 1e-8) - float(self.cfg["penalty"]) * gap * (k - kmin) / span
+
+    def observe_loss(self, mean_loss: float) -> None:
+        mu = float(self.cfg["loss_momentum"])
+        cur = float(self.loss_ema)
+        self.loss_ema.fill_(mean_loss if cur == 0 else mu * cur + (1 - mu) * mean_loss)
+
+    def record(self, s: torch.Tensor, a: torch.Tensor, r: torch.Tensor) -> None:
+        self.buffer.append((s.detach().cpu(), a.cpu(), r.cpu()))
+
+    def update(self, optimizer: torch.optim.Optimizer) -> dict:
+        """One REINFORCE step over the buffered (state, action, reward); clears the buffer."""
+        if not self.buffer:
+            return {}
+        dev = self.k_values.device
+        s = torch.cat([b[0] for b in self.buffer]).to(dev)
+        a = torch.cat([b[1] for b in self.buffer]).to(dev)
+        r = torch.cat([b[2] for b in self.buffer]).to(dev)
+        self.buffer = []
+        r_mean = r.mean()
+        if dist.is_available() and dist.is_initialized():
+            r_mean = r_mean.clone()
+            dist.all_reduce(r_mean)
+            r_mean /= dist.get_world_size()
+        if int(self.updates) == 0 and float(self.baseline) == 0:
+            self.baseline.copy_(r_mean)
+        adv = r - self.baseline
+        logits = self.net(s).float()
+        logp = F.log_softmax(logits, -1)
+        ent = -(logp.exp() * logp).sum(-1)
+        loss = -(adv * logp.gather(1, a.view(-1, 1)).flatten()).mean() - float(self.cfg["entropy"]) * ent.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for p in self.net.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+        optimizer.step()
+        mu = float(self.cfg["baseline_momentum"])
+        self.baseline.mul_(mu).add_((1 - mu) * r_mean)
+        self.updates += 1
+        return {"policy_loss": float(loss.detach()), "reward": float(r_mean), "advantage_abs": float(adv.abs().mean()), "entropy": float(ent.detach().mean())}
+
+    def mean_probs(self, s: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            if s is None:
+                s = self.last_state if self.last_state is not None else torch.zeros(1, STATE_DIM, device=self.k_values.device)
+            return self.probs(s).mean(0).cpu()
+
+    # -- checkpointing (the buffer is part of the exact state) ----------------------------------------
+    def extra_state(self) -> dict:
+        return {"buffer": self.buffer, "generator": self.generator.get_state()}
+
+    def load_extra_state(self, st: dict) -> None:
+        self.buffer = list(st["buffer"])
+        self.generator.set_state(st["generator"])

@@ -1,0 +1,89 @@
+"""CLI: every scenario against every defence, then the report.
+
+    python -m training.privacy                                  # ORL, seeds 0 1, full budget -> training/privacy/results/
+    python -m training.privacy --sets orl lfw --seeds 0 1 2     # LFW too (identity-disjoint split; not run on the CPU here)
+    python -m training.privacy --reuse                          # rebuild the report from out/privacy/<set>_s<seed>/run.json
+    python -m training.privacy --budget smoke --out /tmp/p      # seconds: a smoke run of the whole pipeline
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from training.config import project_root
+from training.results import machine
+
+from . import report
+from .run import BUDGETS, DEFENCES, run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.privacy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", nargs="+", default=["orl"], choices=["orl", "lfw"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--budget", default="full", choices=sorted(BUDGETS))
+    ap.add_argument("--defences", default=None, help="comma-separated labels (default: all): " + ",".join(d for d, _ in DEFENCES))
+    ap.add_argument("--scenarios", default="S1,S2,S3,S4")
+    ap.add_argument("--out", default=None, help="report folder (default training/privacy/results)")
+    ap.add_argument("--work", default=None, help="per-run folder (default out/privacy)")
+    ap.add_argument("--reuse", action="store_true", help="reuse <work>/<set>_s<seed>/run.json where it exists")
+    a = ap.parse_args(argv)
+    root = project_root()
+    out = Path(a.out) if a.out else root / "training" / "privacy" / "results"
+    work = Path(a.work) if a.work else root / "out" / "privacy"
+    out.mkdir(parents=True, exist_ok=True)
+    defs = DEFENCES if not a.defences else [d for d in DEFENCES if d[0] in a.defences.split(",")]
+    mach = machine()
+    mach["torch_threads"] = 1
+    tm = (Path(__file__).parent / "THREAT_MODEL.md").read_text()
+    command = "python -m training.privacy " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    sections, summary = [], {"command": command, "machine": mach, "sets": {}}
+    t_all = 0.0
+    for s in a.sets:
+        runs = []
+        for seed in a.seeds:
+            rdir = work / f"{s}_s{seed}"
+            if a.reuse and (rdir / "run.json").exists():
+                r = json.loads((rdir / "run.json").read_text())
+                r["images"] = torch.load(rdir / "images.pt", weights_only=False)
+                print(f"[privacy] reusing {rdir / 'run.json'} ({r['info']['wall_s'] / 60:.1f} min when it ran)")
+            else:
+                r = run(s, seed, a.budget, rdir, defs, tuple(a.scenarios.split(",")))
+            runs.append(r)
+        wall = sum(r["info"]["wall_s"] for r in runs)
+        t_all += wall
+        agg = report.aggregate(runs)
+        cl = report.claim(runs)
+        ev = report._ms([r["info"]["evaluator_accuracy"] for r in runs])
+        # the machine as the first run saw it (load average at its start); runs written before that field: now
+        run_mach = runs[0]["info"].get("machine", mach)
+        info = {"split_name": s, "victims": len(runs[0]["info"]["split"]["victims"]), "seeds": a.seeds, "machine": run_mach,
+                "wall_s": wall, "evaluator_accuracy": ev, "budget": runs[0]["info"]["budget"], "split": runs[0]["info"]["split"]}
+        md = report.markdown(agg, info, cl)
+        d = out / s
+        d.mkdir(exist_ok=True)
+        (d / "table.md").write_text(md)
+        (d / "table.json").write_text(json.dumps({"info": info, "command": command, "aggregate": agg, "claim": cl,
+                                                  "runs": [{k: v for k, v in r.items() if k != "images"} for r in runs]}, indent=1, default=str))
+        report.frontier_plot(agg, d / "frontier.png", f"{s.upper()}: FR accuracy vs identity leak (seeds {a.seeds}, mean ± std)")
+        report.image_grid(runs[0]["images"], d / "grid.png")
+        sections.append((s, md))
+        summary["sets"][s] = {"wall_s": wall, "claim": cl["verdict"]}
+        print(md)
+    info = {"command": command, "machine": mach, "wall_s": t_all}
+    for s, md in sections:
+        files = {"frontier": f"{s}/frontier.png", "grid": f"{s}/grid.png", "json": f"{s}/table.json", "md": f"{s}/table.md"}
+        name = "report.html" if len(sections) == 1 else f"report_{s}.html"
+        (out / name).write_text(report.html_page(md, info, files, tm))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"[privacy] report: {out / 'report.html'}  (total {t_all / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

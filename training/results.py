@@ -1,0 +1,169 @@
+"""The results table: accuracy per defence (and the mean k of the adaptive policy), measured, with the machine.
+
+    python -m training.results --configs training/configs/orl_cpu.yaml --out training/results/orl_cpu
+    python -m training.results --configs training/configs/lfw_cpu.yaml --defences none,hybrid:4,adaptive
+
+Each defence of ``--defences`` (``name`` or ``name:k``) trains the config from scratch with that defence
+(``defence.name=name``, ``defence.k=k``) and is evaluated on the config's test sets. The data set is
+loaded once and shared. Writes <out>.md and <out>.json: per run the test accuracy (identification top-1,
+or 10-fold verification accuracy and TAR@FAR), the held-out validation accuracy, the mean k over training
+and over its last 20% of steps, and the wall time; with the CPU model, core count, torch version, the
+load average at the start (the machine may be shared) and the total wall time. ``--reuse`` picks up runs
+that finished before an interruption (same config), keeping the wall time they were measured with.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import load_config
+from .data import load_data
+from .loop import train
+
+DEFAULT_DEFENCES = "none,freq,ppfr,partialface,dctdp,instahide:3,hybrid:2,hybrid:3,hybrid:4,hybrid:5,hybrid:6,adaptive"
+
+
+def machine() -> dict:
+    model = platform.processor() or "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "load_avg_start": os.getloadavg(),
+    }
+
+
+def parse_defences(spec: str) -> list[tuple[str, int | None]]:
+    out = []
+    for item in spec.split(","):
+        name, _, k = item.strip().partition(":")
+        out.append((name, int(k) if k else None))
+    return out
+
+
+def label(name, k):
+    return f"{name} (k={k})" if k else name
+
+
+def run_table(config: str, defences, sets, out_root: Path, curves_prefix: Path | None = None, reuse: bool = False) -> dict:
+    base = load_config(config, sets)
+    base["train"]["progress"] = False
+    data = load_data(base)
+    rows = []
+    for name, k in defences:
+        cfg = copy.deepcopy(base)
+        cfg["defence"]["name"] = name
+        if k:
+            cfg["defence"]["k"] = k
+        tag = name + (f"_k{k}" if k else "")
+        cfg["out_dir"] = str(out_root / "runs" / f"{cfg['name']}_{tag}")
+        done = Path(cfg["out_dir"]) / "results.json"
+        res = json.loads(done.read_text()) if reuse and done.exists() else None
+        if res is not None and json.dumps(res["config"], sort_keys=True, default=str) == json.dumps(cfg, sort_keys=True, default=str):
+            wall = res["wall_s"]  # measured when that run trained
+            print(f"[results] reusing {done}", flush=True)
+        else:
+            t0 = time.time()
+            res = train(cfg, resume=False, data=data)
+            wall = time.time() - t0
+        test = res["tests"][0] if res["tests"] else {}
+        row = {
+            "defence": label(name, k), "test_set": test.get("set"), "task": test.get("task"),
+            "test_accuracy": test.get("accuracy"), "test_accuracy_std": test.get("accuracy_std"),
+            "tar_at_far": test.get("tar_at_far"), "far": test.get("far"),
+            "val_accuracy": res["val_accuracy"], "k_mean": res["k_mean"], "k_mean_last20": res["k_mean_last20"],
+            "k_hist_last20": res["k_hist_last20"], "wall_s": wall, "steps": res["steps"], "input": res["input"],
+        }
+        if "policy_probs_final" in res:
+            row["policy_probs_final"] = res["policy_probs_final"]
+            row["k_choices"] = res["k_choices"]
+        rows.append(row)
+        png = Path(cfg["out_dir"]) / "metrics.png"
+        if curves_prefix is not None and name == "adaptive" and png.exists():
+            # the adaptive run's curves (loss, held-out accuracy, mean k, k distribution) beside the table
+            shutil.copyfile(png, curves_prefix.parent / f"{cfg['name']}_{tag}_curves.png")
+        print(f"[results] {cfg['name']} {label(name, k)}: test {row['test_accuracy']:.4f}, k {row['k_mean_last20']:.2f}, {wall:.0f} s", flush=True)
+    return {"config": config, "overrides": sets, "name": base["name"], "data": data.info, "rows": rows, "base_config": base}
+
+
+def to_markdown(tables: list[dict], info: dict) -> str:
+    m = info["machine"]
+    lines = [
+        "# fastmix training results",
+        "",
+        f"Measured by `{info['command']}` on {info['date']}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), torch {m['torch']}, "
+        f"Python {m['python']}; load average at the start of this invocation {', '.join(f'{v:.1f}' for v in m['load_avg_start'])} "
+        "(a shared machine: wall times include other users' load). Training + evaluation wall time summed over "
+        f"the runs: {sum(r['wall_s'] for t in tables for r in t['rows']) / 60:.1f} min (this invocation: "
+        f"{info['wall_s'] / 60:.1f} min).",
+        "",
+    ]
+    for t in tables:
+        b = t["base_config"]
+        lines += [
+            f"## {t['name']} ({t['config']})",
+            "",
+            f"Data: {json.dumps(t['data'])}. Backbone {b['model']['arch']}, {b['head']['type']} head, "
+            f"{b['train']['steps']} steps of batch {b['train']['batch_size']}, defence upsample {b['defence']['upsample']}, "
+            f"data colour {b['data']['color']}.",
+            "",
+        ]
+        verif = any(r["task"] == "verification" for r in t["rows"])
+        hdr = "| defence | input | test accuracy | " + ("TAR@FAR=1e-3 | " if verif else "") + "val accuracy | mean k (all / last 20%) | wall s |"
+        lines += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+        for r in t["rows"]:
+            acc = f"{r['test_accuracy']:.4f}" + (f" ± {r['test_accuracy_std']:.4f}" if r["task"] == "verification" else "")
+            tar = f"{r['tar_at_far']:.4f} | " if verif else ""
+            lines.append(
+                f"| {r['defence']} | {r['input'][0]}x{r['input'][1]}x{r['input'][1]} | {acc} | {tar}{r['val_accuracy']:.4f} | "
+                f"{r['k_mean']:.2f} / {r['k_mean_last20']:.2f} | {r['wall_s']:.0f} |"
+            )
+        task = t["rows"][0]["task"] if t["rows"] else "?"
+        lines += ["", f"Test task: {task} on `{t['rows'][0]['test_set'] if t['rows'] else '?'}`."]
+        for r in t["rows"]:
+            if "policy_probs_final" in r:
+                lines.append(f"Adaptive policy: final pi(k) over k={r['k_choices']}: {r['policy_probs_final']}; "
+                             f"k histogram over the last 20% of steps: {r['k_hist_last20']}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.results", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", required=True)
+    ap.add_argument("--defences", default=DEFAULT_DEFENCES, help=f"comma-separated name or name:k (default {DEFAULT_DEFENCES})")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    ap.add_argument("--out", default="training/results/results", help="output path without extension (.md and .json)")
+    ap.add_argument("--reuse", action="store_true", help="reuse a run whose results.json exists with the same config (an interrupted table)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"command": "python -m training.results " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    t0 = time.time()
+    tables = [run_table(c, parse_defences(args.defences), args.set, Path("out") / out.name, out.parent / out.name, args.reuse) for c in args.configs]
+    info["wall_s"] = time.time() - t0
+    out.with_suffix(".json").write_text(json.dumps({**info, "tables": tables}, indent=1, default=str))
+    out.with_suffix(".md").write_text(to_markdown(tables, info))
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
