@@ -231,22 +231,30 @@ def register_ops() -> None:
         gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty(0)
         return gx, gw
 
-    def _setup(ctx, inputs, output):
+    backward, setup = mix_autograd(torch.ops.fastmix.mix_bwd)
+    torch.library.register_autograd("fastmix::mix_fwd", backward, setup_context=setup)
+    _registered = True
+
+
+def mix_autograd(bwd_op):
+    """(backward, setup_context) of a mix_fwd op whose gradients come from ``bwd_op`` (the arguments of
+    fastmix::mix_bwd); shared by the C++ ops and the Triton custom ops. index, pos, seed and the geometry
+    get no gradient; x and weight get theirs only when asked."""
+
+    def setup(ctx, inputs, output):
         x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, _ = inputs
         ctx.save_for_backward(x, index, weight, pos, row_mat, row_start, col_mat, col_start)
         ctx.args = (seed, use_seed, pixels)
 
-    def _bwd(ctx, grad):
+    def backward(ctx, grad):
         x, index, weight, pos, row_mat, row_start, col_mat, col_start = ctx.saved_tensors
         seed, use_seed, pixels = ctx.args
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        gx, gw = torch.ops.fastmix.mix_bwd(
-            grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, need_x, need_w
-        )
+        gx, gw = bwd_op(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start,
+                        need_x, need_w)
         return (gx if need_x else None, None, gw if need_w else None) + (None,) * 10
 
-    torch.library.register_autograd("fastmix::mix_fwd", _bwd, setup_context=_setup)
-    _registered = True
+    return backward, setup
 
 
 def mix_op(backend, x, index, weight4, ids, seed, pixels, rows, cols, out_dtype, op_name):

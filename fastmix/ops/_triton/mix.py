@@ -69,6 +69,7 @@ import triton.language as tl
 
 from . import CONFIG, dot_precision, interpreter_compat, tile_config
 from .dct import _cast_out, _kron8, block_dct_forward, check_plane, rne_bf16
+from ..freq_mix import mix_autograd
 from .sign import _apply_sign, _plane_hash, kernel_key
 
 BLOCK = 8
@@ -852,22 +853,7 @@ def _(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, row_start, c
     return gx, gw
 
 
-def _setup(ctx, inputs, output):
-    x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, _ = inputs
-    ctx.save_for_backward(x, index, weight, pos, row_mat, row_start, col_mat, col_start)
-    ctx.args = (seed, use_seed, pixels)
-
-
-def _backward(ctx, grad):
-    x, index, weight, pos, row_mat, row_start, col_mat, col_start = ctx.saved_tensors
-    seed, use_seed, pixels = ctx.args
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    gx, gw = torch.ops.fastmix.mix_bwd_triton(
-        grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, need_x, need_w
-    )
-    return (gx if need_x else None, None, gw if need_w else None) + (None,) * 10
-
-
+_backward, _setup = mix_autograd(torch.ops.fastmix.mix_bwd_triton)
 mix_fwd_triton.register_autograd(_backward, setup_context=_setup)
 
 
