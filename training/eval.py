@@ -3,8 +3,9 @@
 Faces pass through the defence's test-time encoding (``Defence.encode_eval``: masked, not mixed) and the
 backbone in eval mode; embeddings are L2-normalised and compared by cosine similarity.
 
-Verification (LFW protocol): the pairs are cut into 10 contiguous folds; for each fold the threshold that
-maximises accuracy on the other 9 is applied to it; accuracy is the mean (and std) over folds. TAR at
+Verification (LFW protocol): the pairs are cut into 10 contiguous folds (dealt round-robin per class
+instead when a contiguous fold would hold one class only, as in the ordered View-1 lists); for each fold the
+threshold that maximises accuracy on the other 9 is applied to it; accuracy is the mean (and std) over folds. TAR at
 FAR = 1e-3: the threshold is the smallest score that accepts at most FAR of the impostor pairs, TAR is the
 share of genuine pairs above it. With n impostor pairs the FAR resolution is 1/n (500 impostors in LFW
 pairsDevTest: FAR = 1e-3 means no false accept at all); the result reports that resolution.
@@ -61,10 +62,20 @@ def verification(scores: torch.Tensor, same: torch.Tensor, folds: int = 10, far:
     p = scores.numel()
     folds = max(2, min(folds, p))
     edges = torch.linspace(0, p, folds + 1).round().long().tolist()
+    fold = torch.zeros(p, dtype=torch.long)
+    for f in range(folds):
+        fold[edges[f] : edges[f + 1]] = f
+    stratified = any(same[fold == f].all() or not same[fold == f].any() for f in range(folds))
+    if stratified:
+        # Contiguous folds of an ordered list (LFW View 1: 500 genuine pairs, then 500 impostor pairs) would
+        # hold one class each; deal the pairs of each class round-robin instead (View 2 / .bin sets keep the
+        # contiguous folds of the LFW protocol).
+        for cls in (True, False):
+            idx = (same == cls).nonzero().flatten()
+            fold[idx] = torch.arange(idx.numel()) % folds
     accs = []
     for f in range(folds):
-        te = torch.zeros(p, dtype=torch.bool)
-        te[edges[f] : edges[f + 1]] = True
+        te = fold == f
         if te.sum() == 0:
             continue
         thr, _ = best_threshold(scores[~te], same[~te])
@@ -82,7 +93,7 @@ def verification(scores: torch.Tensor, same: torch.Tensor, folds: int = 10, far:
     return {
         "accuracy": float(acc.mean()), "accuracy_std": float(acc.std()) if acc.numel() > 1 else 0.0, "folds": folds,
         "tar_at_far": tar, "far": far, "far_resolution": 1.0 / max(n_imp, 1), "far_threshold": thr,
-        "pairs": p, "genuine": int(gen.numel()), "impostor": n_imp,
+        "pairs": p, "genuine": int(gen.numel()), "impostor": n_imp, "folds_stratified": bool(stratified),
     }
 
 

@@ -434,7 +434,13 @@ def finish(cfg, data, step_mod, defence, policy, device, rank, k_total, k_late, 
         "config": cfg,
     }
     if policy is not None:
-        res["policy_probs_final"] = [round(float(p), 4) for p in policy.mean_probs()]
+        # pi(k) at the last logged training state (the metrics line of the final step)
+        probs = None
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("kind") == "train" and "policy_probs" in rec:
+                probs = rec["policy_probs"]
+        res["policy_probs_final"] = probs
         res["k_choices"] = [int(k) for k in policy.k_values]
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     return res

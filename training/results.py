@@ -9,7 +9,8 @@ loaded once and shared. Writes <out>.md and <out>.json: per run the test accurac
 or 10-fold verification accuracy and TAR@FAR), the held-out validation accuracy, the mean k over training
 and over its last 20% of steps, and the wall time; with the CPU model, core count, torch version, the
 load average at the start (the machine may be shared) and the total wall time. ``--reuse`` picks up runs
-that finished before an interruption (same config), keeping the wall time they were measured with.
+that finished before an interruption (same config), keeping the wall time they were measured with;
+``--reuse --reeval`` evaluates their final checkpoints again (after a change to the metrics).
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def label(name, k):
     return f"{name} (k={k})" if k else name
 
 
-def run_table(config: str, defences, sets, out_root: Path, curves_prefix: Path | None = None, reuse: bool = False) -> dict:
+def run_table(config: str, defences, sets, out_root: Path, curves_prefix: Path | None = None, reuse: bool = False,
+              reeval: bool = False) -> dict:
     base = load_config(config, sets)
     base["train"]["progress"] = False
     data = load_data(base)
@@ -77,6 +79,12 @@ def run_table(config: str, defences, sets, out_root: Path, curves_prefix: Path |
         if res is not None and json.dumps(res["config"], sort_keys=True, default=str) == json.dumps(cfg, sort_keys=True, default=str):
             wall = res["wall_s"]  # measured when that run trained
             print(f"[results] reusing {done}", flush=True)
+            if reeval:
+                # evaluate the finished checkpoint again (the loop resumes at its last step and only evaluates);
+                # the wall time stays the one measured when it trained
+                res = train(cfg, resume=True, data=data)
+                res["wall_s"] = wall
+                done.write_text(json.dumps(res, indent=1, default=str))
         else:
             t0 = time.time()
             res = train(cfg, resume=False, data=data)
@@ -151,13 +159,14 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     ap.add_argument("--out", default="training/results/results", help="output path without extension (.md and .json)")
     ap.add_argument("--reuse", action="store_true", help="reuse a run whose results.json exists with the same config (an interrupted table)")
+    ap.add_argument("--reeval", action="store_true", help="with --reuse: evaluate the reused runs' final checkpoints again")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"command": "python -m training.results " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
             "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     t0 = time.time()
-    tables = [run_table(c, parse_defences(args.defences), args.set, Path("out") / out.name, out.parent / out.name, args.reuse) for c in args.configs]
+    tables = [run_table(c, parse_defences(args.defences), args.set, Path("out") / out.name, out.parent / out.name, args.reuse, args.reeval) for c in args.configs]
     info["wall_s"] = time.time() - t0
     out.with_suffix(".json").write_text(json.dumps({**info, "tables": tables}, indent=1, default=str))
     out.with_suffix(".md").write_text(to_markdown(tables, info))

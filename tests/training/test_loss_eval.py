@@ -49,6 +49,11 @@ def test_verification_metrics():
     scores2 = scores.clone()
     scores2[1] = 0.99
     assert verification(scores2, same)["tar_at_far"] == 0.0
+    assert not r["folds_stratified"]  # alternating list: contiguous folds hold both classes
+    # an ordered list (View 1: genuine pairs first) gets class-balanced folds
+    order = same.long().argsort(descending=True, stable=True)
+    ro = verification(scores[order], same[order])
+    assert ro["folds_stratified"] and ro["accuracy"] == 1.0 and ro["accuracy_std"] == 0.0
 
 
 def test_identification():
