@@ -217,13 +217,7 @@ def register_ops() -> None:
     if _registered:
         return
 
-    @torch.library.register_fake("fastmix::mix_fwd")
-    def _(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, out_dtype):
-        dt = x.dtype if out_dtype is None else out_dtype
-        m = index.shape[0]
-        if pixels:
-            return x.new_empty((m, x.shape[1], x.shape[2], x.shape[3]), dtype=dt)
-        return x.new_empty((m, n_kept, row_mat.shape[0], col_mat.shape[0]), dtype=dt)
+    torch.library.register_fake("fastmix::mix_fwd")(mix_fwd_fake)
 
     @torch.library.register_fake("fastmix::mix_bwd")
     def _(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, need_x, need_w):
@@ -234,6 +228,16 @@ def register_ops() -> None:
     backward, setup = mix_autograd(torch.ops.fastmix.mix_bwd)
     torch.library.register_autograd("fastmix::mix_fwd", backward, setup_context=setup)
     _registered = True
+
+
+def mix_fwd_fake(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start,
+                 out_dtype):
+    """Output metadata of a mix_fwd op (the C++ ops and the Triton custom ops share it)."""
+    dt = x.dtype if out_dtype is None else out_dtype
+    m = index.shape[0]
+    if pixels:
+        return x.new_empty((m, x.shape[1], x.shape[2], x.shape[3]), dtype=dt)
+    return x.new_empty((m, n_kept, row_mat.shape[0], col_mat.shape[0]), dtype=dt)
 
 
 def mix_autograd(bwd_op):

@@ -69,7 +69,7 @@ import triton.language as tl
 
 from . import CONFIG, dot_precision, interpreter_compat, tile_config
 from .dct import _cast_out, _kron8, block_dct_forward, check_plane, rne_bf16
-from ..freq_mix import mix_autograd
+from ..freq_mix import mix_autograd, mix_fwd_fake
 from .sign import _apply_sign, _plane_hash, kernel_key
 
 BLOCK = 8
@@ -827,13 +827,7 @@ def mix_fwd_triton(
                        col_start, out_dtype)
 
 
-@mix_fwd_triton.register_fake
-def _(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, out_dtype):
-    dt = x.dtype if out_dtype is None else out_dtype
-    m = index.shape[0]
-    if pixels:
-        return x.new_empty((m, x.shape[1], x.shape[2], x.shape[3]), dtype=dt)
-    return x.new_empty((m, n_kept, row_mat.shape[0], col_mat.shape[0]), dtype=dt)
+mix_fwd_triton.register_fake(mix_fwd_fake)
 
 
 @torch.library.custom_op("fastmix::mix_bwd_triton", mutates_args=())
