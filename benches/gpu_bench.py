@@ -27,7 +27,11 @@ What it does, in order (each step's numbers go to gpu_bench.json under --out; a 
     over what the inputs hold), for: the Triton backend (default CONFIG and the sweep), the CUDA backend,
     the eager reference (fastmix.*_ref), torch.compile of the reference, and the published eager pipeline
     (benches/baselines.py);
- 6. recommendations: the fastest correct Triton CONFIG per kernel and the faster GPU backend per op (for
+ 6. the masking cost inside FR training (issue target 5): one IResNet-50 training step on 189x112x112
+    frequency channels, batch 512 (bf16 autocast, SGD with momentum, ArcFace head over 10,572 identities,
+    the mixed-label loss), timed on a precomputed masked batch and with fastmix.frontend (x8, k=4) inside
+    the step, per GPU backend; the published eager pipeline's forward (timed in 5) as a share of the same step;
+ 7. recommendations: the fastest correct Triton CONFIG per kernel and the faster GPU backend per op (for
     fastmix/_backend.py's GPU_PREFERENCE), printed and stored.
 A time budget (--budget-s) drops the remaining sweep points, never the checks, when the run gets long.
 """
@@ -78,7 +82,7 @@ from fastmix.ops.sign import sign_ref  # noqa: E402
 
 DEV = torch.device("cpu" if ARGS.dry_run else "cuda")
 T0 = time.time()
-RESULTS: dict = {"checks": [], "graphs": [], "timings": [], "errors": []}
+RESULTS: dict = {"checks": [], "graphs": [], "timings": [], "errors": [], "fr_step": []}
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-3, torch.float16: 1e-3}
 
 # ----------------------------------------------------------------------------------------------------
@@ -552,6 +556,71 @@ def time_baselines(case, B):
             RESULTS["errors"].append(f"torch.compile of the reference on {case.name}: {exc!r}"[:300])
 
 
+def fr_step_cost(n, backends):
+    """Target 5: the frontend with mixing as a share of an IResNet-50 training step (batch n, 112x112).
+
+    Times (median, do_bench) the whole step -- autocast bf16 forward, mixed-label ArcFace loss, backward, SGD
+    update -- on a precomputed masked batch ("step") and with fastmix.frontend computing that batch inside
+    the step ("step+mask", per GPU backend), and the frontend alone. Share = mask / (step + mask)."""
+    from training.loss import MarginHead, mixed_label_loss
+    from training.model import build_model
+
+    dry = ARGS.dry_run
+    src = 7 if dry else 112  # 112x112 faces, x8 upsample -> 189 x 112x112 block channels (the issue's geometry)
+    cs = Case("fr_step", "frontend", n, 3, src, src, 4, "image")
+    classes = 16 if dry else 10572  # CASIA-WebFace's identity count: a realistic head
+    emb_dim = 16 if dry else 512
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    x, index, wt = cs.inputs(gen)
+    y = torch.randint(classes, (n,), device=DEV, generator=gen)
+    labels = y[index]
+    arch = "iresnet18" if dry else "iresnet50"
+    model = build_model(arch, len(cs.keep), src, emb_dim, width=0.125 if dry else 1.0).to(DEV)
+    model = model.to(memory_format=torch.channels_last)
+    head = MarginHead(emb_dim, classes, "arcface").to(DEV)
+    opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step(inp):
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            emb = model(inp.contiguous(memory_format=torch.channels_last))
+        loss = mixed_label_loss(head, emb, labels, wt).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for be in backends:
+        for od in (None, torch.bfloat16):  # fp32 channels, or bf16 as an autocast pipeline would take them
+            cs.out_dtype = od
+            rec = {"case": "fr_step", "backend": be, "n": n, "arch": arch, "classes": classes, "autocast": "bf16",
+                   "input": [len(cs.keep), src, src], "frontend_out": str(od or torch.float32).replace("torch.", "")}
+            try:
+                with variant(be), torch.no_grad():
+                    z = cs.run(x, index, wt)
+                with variant(be):
+                    rec["step_ms"] = bench_ms(lambda: step(z))
+                    rec["step_mask_ms"] = bench_ms(lambda: step(cs.run(x, index, wt)))
+                    with torch.no_grad():
+                        rec["mask_ms"] = bench_ms(lambda: cs.run(x, index, wt))
+                del z
+                rec["mask_share_pct"] = 100 * rec["mask_ms"] / (rec["step_ms"] + rec["mask_ms"])
+                rec["step_overhead_pct"] = 100 * (rec["step_mask_ms"] - rec["step_ms"]) / rec["step_ms"]
+                pub = [r for r in RESULTS["timings"] if r["case"] == "fe_fp32" and r["impl"] == "published" and "fwd_ms" in r]
+                if pub and n == 512:
+                    rec["published_share_pct"] = 100 * pub[0]["fwd_ms"] / (rec["step_ms"] + pub[0]["fwd_ms"])
+            except torch.cuda.OutOfMemoryError as exc:
+                rec["error"] = f"out of memory: {str(exc)[:200]}"
+            except Exception as exc:
+                rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                traceback.print_exc()
+            RESULTS["fr_step"].append(rec)
+            log("  fr_step " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+            if DEV.type == "cuda":
+                torch.cuda.empty_cache()
+    del model, head, opt
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def time_sweep(case, sweep, failed):
     """Pass 2 (while the budget lasts): the Triton CONFIG sweep points that passed their checks."""
     gen = torch.Generator(device=DEV).manual_seed(100)
@@ -633,6 +702,8 @@ def targets(rows):
         "fe_bf16 within 1.5x of writing the output": ge(get("fe_bf16", "pct_floor"), 100 / 1.5),
         "fe_fp32 extra peak <= 5% beyond the output": le(get("fe_fp32", "peak_over_out"), 1.05),
     }
+    shares = [r["mask_share_pct"] for r in RESULTS["fr_step"] if "mask_share_pct" in r]
+    out["frontend <= 2% of an IResNet-50 step"] = le(min(shares), 2.0) if shares else None
     for row in rows:
         if row["impl"] == "triton" and row.get("bwd_over_fwd") is not None:
             out[f"{row['case']} backward <= 2.5x forward"] = le(row["bwd_over_fwd"], 2.5)
@@ -694,6 +765,13 @@ def main():
 
     B = load_baselines()
     for step, fn in (("baselines", lambda cs: time_baselines(cs, B)), ("sweep", lambda cs: time_sweep(cs, sweep, failed))):
+        if step == "sweep":  # before the sweep: the FR-step share is a target, the sweep is optional
+            log("timing the frontend inside an IResNet-50 step")
+            try:
+                fr_step_cost(n, [b for b in backends if b not in failed])
+            except Exception as exc:
+                RESULTS["errors"].append(f"fr_step: {exc!r}"[:500])
+                traceback.print_exc()
         for cs in case_list:
             log(f"timing {cs.name} ({step})")
             try:
@@ -719,6 +797,13 @@ def main():
     print("checks:", f"{sum(r['ok'] for r in RESULTS['checks'])}/{len(RESULTS['checks'])} passed;",
           "graph capture:", [(g["case"], g["ok"]) for g in RESULTS["graphs"]], "; failed variants:", sorted(failed))
     print("targets (default Triton CONFIG):", json.dumps(tg))
+    for r in RESULTS["fr_step"]:
+        if "error" in r:
+            print(f"fr_step ({r['backend']}, {r['frontend_out']}): {r['error'][:120]}")
+        else:
+            print(f"fr_step ({r['backend']}, frontend -> {r['frontend_out']}): {r['arch']} batch {r['n']} step {r['step_ms']:.2f} ms, step+frontend "
+                  f"{r['step_mask_ms']:.2f} ms, frontend {r['mask_ms']:.3f} ms = {r['mask_share_pct']:.2f}% of the step"
+                  + (f"; published pipeline {r['published_share_pct']:.1f}%" if "published_share_pct" in r else ""))
     print_table(rows, bw, info)
     return 1 if failed or any(not g["ok"] for g in RESULTS["graphs"]) else 0
 

@@ -205,3 +205,59 @@ def test_bad_forward_arguments(gen):
         m(x, labels_for(4), k=torch.tensor([1, 0, 2, 2]))
     with pytest.raises(ValueError, match=r"k values must be in \[1, 2\]"):  # above the module's k
         m(x, labels_for(4), k=torch.tensor([1, 3, 2, 2]))
+
+
+def test_plan_then_apply_is_forward(gen):
+    # the same draws from the same stream: forward == apply(plan), and the plan exposes the partner index
+    x = rand_faces(gen, 6, 3, 4, 4)
+    y = labels_for(6)
+    a = HybridMask(3, generator=torch.Generator().manual_seed(5))
+    b = HybridMask(3, generator=torch.Generator().manual_seed(5))
+    masked, plabels, w = a(x, y)
+    p = b.plan(6)
+    assert p.index.shape == (6, 3) and p.weight.shape == (6, 3) and isinstance(p.seed, int)
+    torch.testing.assert_close(b.apply(x, p), masked, rtol=0, atol=0)
+    assert torch.equal(y[p.index], plabels) and torch.equal(p.weight, w)
+
+
+def test_plan_with_an_external_index_computes_only_those_rows(gen):
+    # partners chosen by the caller (e.g. one global-batch permutation, this rank's slice): M != N outputs
+    x = rand_faces(gen, 8, 3, 4, 4)
+    mask = HybridMask(4, generator=torch.Generator().manual_seed(1))
+    index = fastmix.sample_partners(8, 4, generator=torch.Generator().manual_seed(2))[2:5]
+    k = torch.tensor([2, 4, 3])
+    p = mask.plan(index=index, k=k)
+    assert torch.equal(p.index, index) and p.weight.shape == (3, 4)
+    assert torch.equal((p.weight != 0).sum(1), k)
+    out = mask.apply(x, p)
+    ref = fastmix.frontend(x, upsample=8, keep=keep_ids("no_dc", 3), index=index, weight=p.weight, seed=p.seed)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    masked, plabels, w = mask(x, labels_for(8), plan=p)
+    assert masked.shape[0] == 3 and torch.equal(partners_from(plabels), index)
+
+
+def test_bad_plan_arguments(gen):
+    mask = HybridMask(3)
+    with pytest.raises(ValueError, match="index must be an int64"):
+        mask.plan(index=torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="at most k=3"):
+        mask.plan(index=torch.zeros(4, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="n must be an int"):
+        mask.plan()
+    with pytest.raises(ValueError, match=r"k values must be in \[1, 2\]"):
+        mask.plan(index=torch.zeros(2, 2, dtype=torch.int64), k=torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="pass k to plan"):
+        mask(rand_faces(gen, 2, 3, 4, 4), labels_for(2), k=torch.tensor([1, 2]), plan=mask.plan(2))
+
+
+def test_generator_state_travels_in_state_dict(gen):
+    x = rand_faces(gen, 4, 3, 4, 4)
+    a = HybridMask(2, generator=torch.Generator().manual_seed(3))
+    a(x, labels_for(4))  # move the stream
+    sd = a.state_dict()
+    want = a(x, labels_for(4))
+    b = HybridMask(2, generator=torch.Generator().manual_seed(99))
+    b.load_state_dict(sd)
+    got = b(x, labels_for(4))
+    for u, v in zip(want, got):
+        assert torch.equal(u, v)

@@ -75,7 +75,8 @@ DEFAULTS: dict = {
         "weight_decay": 5e-4,
         "warmup": 20,
         "schedule": "cosine",  # cosine | constant
-        "amp": "bf16",  # on CUDA only: bf16 | fp16 | off
+        "amp": "bf16",  # bf16 | fp16 | off: autocast of the backbone on CUDA
+        "amp_cpu": False,  # ... and on the CPU too (the tests run the AMP path this way)
         "ckpt_every": 0,  # 0: only at the end
         "log_every": 10,
         "eval_every": 50,  # held-out validation (drives the policy's utility term)
@@ -90,10 +91,12 @@ DEFAULTS: dict = {
         "lr": 0.01,
         "update_every": 5,  # FR steps between policy steps
         "entropy": 0.01,
+        "explore": 0.1,  # exploration floor: k ~ (1 - explore) pi + explore / |K|
         "baseline_momentum": 0.9,
         "loss_momentum": 0.95,
         "target_acc": 0.8,  # utility target on held-out validation
-        "penalty": 4.0,  # lambda of the utility term
+        "penalty": 4.0,  # lambda of the utility term (its starting value and lower bound)
+        "penalty_lr": 20.0,  # dual step: lambda += penalty_lr * (target_acc - acc_val) at each validation
         "init": "uniform",
     },
     "eval": {"batch_size": 100, "tta_flip": False, "folds": 10, "far": 1e-3},

@@ -44,11 +44,6 @@ class Masked:
     weights: torch.Tensor  # (M, k) mixing weights (rows sum to 1; zeros pad a per-sample k)
 
 
-def _seed(generator: torch.Generator) -> int:
-    # The same draw as HybridMask's fresh per-call seed: a one-time sign key.
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-
-
 def _identity(x, y):
     n = x.shape[0]
     return y.view(n, 1), torch.ones(n, 1, device=x.device)
@@ -227,9 +222,8 @@ class Mixing(Defence):
 
     def _global(self, x, y, k):
         """Mix with partners from every rank's batch: all_gather the faces (no gradient: they are data), draw
-        the global partner permutation from the shared stream, keep this rank's rows, weights and sign key
-        from this rank's stream. HybridMask always mixes all N rows of its input, so this path calls the same
-        fastmix pieces (sample_partners, sample_weights, frontend) with this rank's slice of the index."""
+        the global partner permutation from the shared stream, keep this rank's rows; the weights and the sign
+        key come from this rank's stream (``HybridMask.plan`` with an external index)."""
         world, rank = dist.get_world_size(), dist.get_rank()
         n = x.shape[0]
         xs = [torch.empty_like(x) for _ in range(world)]
@@ -241,21 +235,18 @@ class Mixing(Defence):
         dist.all_reduce(kmax, op=dist.ReduceOp.MAX)
         kmax = int(kmax.item())
         index = fastmix.sample_partners(n * world, kmax, generator=self.partner_generator)
-        rows = index[rank * n : (rank + 1) * n].to(x.device)
-        m = self.mask
-        weights = fastmix.sample_weights(n, kmax, m.law, m.upper, m.alpha, generator=self.generator, active=k).to(x.device)
-        seed = _seed(self.generator) if m.sign_flip else None
-        z = self.frontend(xg, keep=self.ids, index=rows, weight=weights, seed=seed)
-        return Masked(z, yg[rows], weights)
+        p = self.mask.plan(index=index[rank * n : (rank + 1) * n], k=k)
+        z, labels, weights = self.mask(xg, yg, plan=p)
+        return Masked(z, labels, weights)
 
     def encode_eval(self, x, generator):
-        seed = _seed(generator) if self.mask.sign_flip else None
-        if not self.cfg["eval_mix"]:
-            return self.frontend(x, keep=self.ids, seed=seed)
+        """Test-time encoding: the same keep set and sign flips, partners only with ``defence.eval_mix``."""
         n = x.shape[0]
-        index = fastmix.sample_partners(n, self.k, generator=generator).to(x.device)
-        w = fastmix.sample_weights(n, self.k, self.mask.law, self.mask.upper, self.mask.alpha, generator=generator).to(x.device)
-        return self.frontend(x, keep=self.ids, index=index, weight=w, seed=seed)
+        if self.cfg["eval_mix"]:
+            p = self.mask.plan(n, generator=generator)
+        else:  # each face alone (k = 1, weight 1)
+            p = self.mask.plan(index=torch.arange(n, device=generator.device).view(n, 1), generator=generator)
+        return self.mask.apply(x, p)
 
     def generators(self):
         return {"defence": self.generator, "partners": self.partner_generator}

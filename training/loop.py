@@ -9,7 +9,8 @@ The loop only sees the ``Defence`` interface: it does not know which defence it 
 Distributed: launched by torchrun (WORLD_SIZE > 1), the FR network (defence + backbone + head) is one DDP
 module; every rank masks its own slice of the global batch (or, with ``defence.global_partners``, mixes
 with partners from the whole global batch); the policy's gradients and rewards are averaged over ranks.
-AMP (bf16 or fp16 with a GradScaler) runs the backbone on CUDA; the masks and the margin head stay fp32.
+AMP (bf16 or fp16 with a GradScaler) runs the backbone on CUDA (on the CPU with train.amp_cpu); the masks and
+the margin head stay fp32.
 
 Checkpoints (every ``train.ckpt_every`` steps and at the end) are written to a temporary file and renamed
 over ``<out_dir>/ckpt.pt`` (os.replace: atomic on POSIX), so a crash never leaves a torn checkpoint. They
@@ -200,7 +201,10 @@ def train(cfg: dict, resume: bool = True, data=None) -> dict:
 
     data = data if data is not None else load_data(cfg)
     amp = None
-    if device.type == "cuda" and tc["amp"] in ("bf16", "fp16"):
+    if tc["amp"] not in ("bf16", "fp16", "off"):
+        raise ValueError(f"train.amp must be bf16, fp16 or off, got {tc['amp']!r}")
+    # AMP is for GPUs; train.amp_cpu runs the same autocast path on the CPU (tests, or a CPU with bf16 units)
+    if tc["amp"] != "off" and (device.type == "cuda" or tc["amp_cpu"]):
         amp = torch.bfloat16 if tc["amp"] == "bf16" else torch.float16
     defence = build_defence(cfg, data.channels, device, seed * 1000 + 17 + rank)
     c_in, s_in = defence.out_shape()
@@ -221,7 +225,7 @@ def train(cfg: dict, resume: bool = True, data=None) -> dict:
     else:
         raise ValueError(f"train.optimizer must be sgd or adamw, got {tc['optimizer']!r}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
 
     policy = popt = None
     if defence.adaptive:
@@ -318,7 +322,7 @@ def train(cfg: dict, resume: bool = True, data=None) -> dict:
             acc = acc.to(device) if dist.get_backend() == "nccl" else acc
             dist.broadcast(acc, 0)
         if policy is not None:
-            policy.val_acc.fill_(float(acc[0]))
+            policy.observe_validation(float(acc[0]))
         if res is not None:
             log({"kind": "val", "step": step, **res})
         return float(acc[0])

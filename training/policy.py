@@ -6,23 +6,31 @@ State (18 numbers, per batch or per sample):
         log1p(e) / 10 -- how much low- versus high-frequency content the faces carry;
      1  training progress, step / total steps;
      1  the FR loss's moving average L_ema / log(num_classes) (how hard the task currently is);
-     1  the latest held-out validation accuracy (0 before the first evaluation).
+     1  the latest held-out validation accuracy (0 before the first evaluation, when no utility term applies).
     Per batch: the mean state of the batch. Per sample: each face's own bands, the shared scalars.
 
-Action: k in ``k_choices`` (default 2..6), sampled from a softmax over an MLP 18 -> H -> H -> |K|.
+Action: k in ``k_choices`` (default 2..6), sampled from a softmax over an MLP 18 -> H -> H -> |K|, mixed with
+an exploration floor: k ~ (1 - eps) pi(. | s) + eps / |K|, eps = ``explore`` (0.1).
 
 Reward of an action (per batch: of the batch; per sample: of the face):
     r = L_mix / L_ema  -  lambda * max(0, acc_target - acc_val) * (k - k_min) / (k_max - k_min)
 where L_mix is the mixed-label FR loss of the mixed batch (or face) measured in the FR step that used k,
 L_ema its moving average (momentum ``loss_momentum``, so the privacy term is ~1 and scale-free), acc_val the
-latest held-out verification / identification accuracy. The first term is privacy: the policy maximises
+latest held-out verification / identification accuracy. Before the first validation there is no accuracy
+to compare with, and the utility term is 0 (it used to count acc_val as 0, i.e. the full gap, which drove k
+to k_min in the first steps of every run). The first term is privacy: the policy maximises
 what the FR network minimises (more partners, harder to recognise, harder to invert). The second is utility:
 while validation accuracy is below the target, every extra partner costs lambda * gap / (k_max - k_min), so
-the equilibrium is not "always k_max". Defaults: lambda = 4.0, acc_target = 0.8.
+the equilibrium is not "always k_max". lambda is a Lagrange multiplier of the constraint acc_val >= acc_target,
+adapted by dual ascent at each validation: lambda <- max(lambda_0, lambda + eta * (acc_target - acc_val)).
+Defaults: lambda_0 = ``penalty`` = 4.0, eta = ``penalty_lr`` = 20, acc_target = 0.8.
 
 Update (REINFORCE with a baseline), every ``update_every`` FR steps over the actions taken since the last one:
     A = r - b,   loss = -mean(A * log pi(k | s)) - beta * mean(H(pi(. | s))),   b <- mu b + (1 - mu) mean(r)
-with beta = ``entropy`` (0.01) and mu = ``baseline_momentum`` (0.9). Under DDP the rewards' mean and the
+with beta = ``entropy`` (0.01) and mu = ``baseline_momentum`` (0.9). The exploratory draws enter the update as if
+pi had drawn them (no importance weight pi / mu): on purpose, because the importance-weighted, unbiased
+gradient of an action with pi(k) ~ 0 is ~ 0 too, and a policy that collapsed on one k while the utility term
+was on could never move again once it switched off (what the first LFW run did: k = 2 from step 80 on). Under DDP the rewards' mean and the
 policy gradients are averaged over ranks, so every rank keeps the same policy.
 """
 from __future__ import annotations
@@ -73,6 +81,10 @@ class Policy(nn.Module):
         self.mode = cfg["mode"]
         if self.mode not in ("batch", "sample"):
             raise ValueError(f"policy.mode must be 'batch' or 'sample', got {self.mode!r}")
+        if not 0.0 <= float(cfg["explore"]) < 1.0:
+            raise ValueError(f"policy.explore must be in [0, 1), got {cfg['explore']!r}")
+        if float(cfg["penalty"]) < 0 or float(cfg["penalty_lr"]) < 0:
+            raise ValueError(f"policy.penalty and policy.penalty_lr must be >= 0, got {cfg['penalty']!r}, {cfg['penalty_lr']!r}")
         self.register_buffer("k_values", torch.tensor(sorted(int(k) for k in k_choices), dtype=torch.int64))
         self.net = PolicyNet(len(self.k_values), int(cfg["hidden"]))
         self.color = color
@@ -82,6 +94,8 @@ class Policy(nn.Module):
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("loss_ema", torch.zeros(()))
         self.register_buffer("val_acc", torch.zeros(()))
+        self.register_buffer("val_seen", torch.zeros((), dtype=torch.int64))  # validations so far
+        self.register_buffer("lam", torch.tensor(float(cfg["penalty"])))  # lambda, adapted at each validation
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
         self.to(device)
         self.buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -104,7 +118,8 @@ class Policy(nn.Module):
     @torch.no_grad()
     def act(self, s: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample actions for states s; returns (k per face (n,) int64 on CPU, action indices (len(s),))."""
-        p = self.probs(s).cpu()
+        eps = float(self.cfg["explore"])
+        p = (1.0 - eps) * self.probs(s).cpu() + eps / len(self.k_values)
         a = torch.multinomial(p, 1, generator=self.generator).flatten()
         k = self.k_values.cpu()[a]
         return (k.expand(n).clone() if self.mode == "batch" else k), a
@@ -119,8 +134,16 @@ class Policy(nn.Module):
         k = self.k_values.cpu()[actions].float()
         kmin, kmax = float(self.k_values.min()), float(self.k_values.max())
         span = max(kmax - kmin, 1.0)
-        gap = max(0.0, float(self.cfg["target_acc"]) - float(self.val_acc))
-        return loss / max(ema, 1e-8) - float(self.cfg["penalty"]) * gap * (k - kmin) / span
+        # no held-out accuracy yet: no utility term (not "accuracy 0", which is the largest possible gap)
+        gap = max(0.0, float(self.cfg["target_acc"]) - float(self.val_acc)) if int(self.val_seen) > 0 else 0.0
+        return loss / max(ema, 1e-8) - float(self.lam) * gap * (k - kmin) / span
+
+    def observe_validation(self, acc: float) -> None:
+        self.val_acc.fill_(acc)
+        self.val_seen += 1
+        # dual ascent on lambda: it grows while accuracy stays below the target and shrinks above it
+        step = float(self.cfg["penalty_lr"]) * (float(self.cfg["target_acc"]) - acc)
+        self.lam.fill_(max(float(self.cfg["penalty"]), float(self.lam) + step))
 
     def observe_loss(self, mean_loss: float) -> None:
         mu = float(self.cfg["loss_momentum"])
@@ -162,7 +185,8 @@ class Policy(nn.Module):
         mu = float(self.cfg["baseline_momentum"])
         self.baseline.mul_(mu).add_((1 - mu) * r_mean)
         self.updates += 1
-        return {"policy_loss": float(loss.detach()), "reward": float(r_mean), "advantage_abs": float(adv.abs().mean()), "entropy": float(ent.detach().mean())}
+        return {"policy_loss": float(loss.detach()), "reward": float(r_mean), "advantage_abs": float(adv.abs().mean()), "entropy": float(ent.detach().mean()),
+                "lambda": float(self.lam)}
 
     def mean_probs(self, s: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():

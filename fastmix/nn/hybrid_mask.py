@@ -1,6 +1,8 @@
 """HybridMask: the adaptive hybrid mask as an nn.Module (sample partners and weights, then one fused op)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -27,6 +29,15 @@ def keep_ids(preset, channels: int) -> list[int] | None:
     return [int(i) for i in preset]
 
 
+class MixPlan(NamedTuple):
+    """The random draws of one HybridMask call: output m mixes rows index[m, :] of the input with
+    weight[m, :] (zeros pad a per-sample k) and flips signs with the one-time key ``seed`` (None: no flips)."""
+
+    index: torch.Tensor  # (M, k) int64 rows of the input batch
+    weight: torch.Tensor  # (M, k) float32, rows sum to 1
+    seed: int | None
+
+
 class HybridMask(nn.Module):
     """Frequency-domain hybrid mask: each output mixes its image with k-1 partners in the block-DCT domain,
     keeps a channel subset and flips signs with a fresh one-time key.
@@ -42,8 +53,17 @@ class HybridMask(nn.Module):
         out: "channels" or "pixels" (pixels needs upsample=None).
         generator: torch.Generator for partners, weights and seeds (reproducible runs).
 
-    forward(x, labels, k=None) -> (masked, partner_labels (M, k), weights (M, k)), for the mixed-label
-    loss  sum_t weights[m, t] * L(f(masked[m]), partner_labels[m, t]).
+    forward(x, labels, k=None, plan=None) -> (masked, partner_labels (M, k), weights (M, k)), for the
+    mixed-label loss  sum_t weights[m, t] * L(f(masked[m]), partner_labels[m, t]).
+
+    The draws and the op are also separate steps, for callers that need the partner index (an attack
+    evaluation: which face dominates each mix) or choose partners themselves (partners from a global batch
+    across ranks, where each rank computes only its own rows)::
+
+        p = mask.plan(n, k)                       # or mask.plan(index=my_rows_of_a_global_index, k=k)
+        masked = mask.apply(x, p)                 # == mask(x, labels, plan=p)[0]
+
+    The generator's state is part of ``state_dict()`` (extra state), so a checkpoint restores the stream.
     """
 
     def __init__(
@@ -75,33 +95,70 @@ class HybridMask(nn.Module):
         self.keep, self.sign_flip, self.upsample, self.color, self.out = keep, sign_flip, upsample, color, out
         self.generator = generator
 
-    def _draw_seed(self) -> int:
-        return int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+    def _draw_seed(self, gen: torch.Generator | None) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device if gen is not None else None).item())
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor | None = None):
-        n = x.shape[0]
-        if labels.shape[:1] != (n,):
-            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-        gen = self.generator
-        dev = x.device
-        kmax, active = self.k, None
+    def plan(self, n: int | None = None, k: torch.Tensor | None = None, *, index: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> MixPlan:
+        """Draw partners, weights and the sign key for one call (from ``generator``, default the module's).
+
+        n: batch size (partners within the batch, ``fastmix.sample_partners``); or index: (M, kmax) rows chosen
+        by the caller (column 0 is conventionally the output's own image). k: None (the module's k for every
+        output) or an integer tensor (M,) of per-output k in [1, kmax] (weights of the extra partners are 0).
+        """
+        gen = self.generator if generator is None else generator
+        if index is None:
+            if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"n must be an int >= 0 when no index is given, got {n!r}")
+            kmax = self.k
+        else:
+            if not isinstance(index, torch.Tensor) or index.dim() != 2 or index.dtype != torch.int64:
+                raise ValueError(f"index must be an int64 tensor of shape (M, k), got {getattr(index, 'shape', index)!r}")
+            if not 1 <= index.shape[1] <= self.k:
+                raise ValueError(f"index has {index.shape[1]} partner columns; this HybridMask mixes at most k={self.k}")
+            kmax = index.shape[1]
+        m = n if index is None else index.shape[0]
         if k is not None:
-            if not isinstance(k, torch.Tensor) or k.shape != (n,) or k.dtype.is_floating_point:
-                raise ValueError(f"k must be an integer tensor of shape ({n},)")
-            if n and (int(k.min()) < 1 or int(k.max()) > self.k):
-                raise ValueError(f"k values must be in [1, {self.k}] (the module's k is the maximum)")
-            active = k
-        # Samplers run on the generator's device; results move to x's device.
-        index = sample_partners(n, kmax, generator=gen).to(dev)
-        weight = sample_weights(n, kmax, self.law, self.upper, self.alpha, generator=gen, active=active).to(dev)
-        seed = self._draw_seed() if self.sign_flip else None
+            if not isinstance(k, torch.Tensor) or k.shape != (m,) or k.dtype.is_floating_point or k.dtype == torch.bool:
+                raise ValueError(f"k must be an integer tensor of shape ({m},)")
+            if m and (int(k.min()) < 1 or int(k.max()) > kmax):
+                raise ValueError(f"k values must be in [1, {kmax}] (the module's k, or the index's columns, is the maximum)")
+        # Samplers run on the generator's device; the op moves what it needs to x's device.
+        if index is None:
+            index = sample_partners(n, kmax, generator=gen)
+        weight = sample_weights(m, kmax, self.law, self.upper, self.alpha, generator=gen, active=k)
+        seed = self._draw_seed(gen) if self.sign_flip else None
+        return MixPlan(index, weight, seed)
+
+    def apply(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+        """The masked outputs (M, ...) of plan's rows of x: one fused fastmix op."""
+        index, weight = plan.index.to(x.device), plan.weight.to(x.device)
         c = x.shape[1] if x.dim() == 4 else 1
         ids = keep_ids(self.keep, c)
         if self.upsample is None:
-            masked = freq_mix(x, index, weight.to(x.dtype), keep=ids, seed=seed, out=self.out)
-        else:
-            masked = frontend(x, upsample=self.upsample, color=self.color, keep=ids, index=index, weight=weight, seed=seed)
-        return masked, labels[index], weight
+            return freq_mix(x, index, weight.to(x.dtype), keep=ids, seed=plan.seed, out=self.out)
+        return frontend(x, upsample=self.upsample, color=self.color, keep=ids, index=index, weight=weight, seed=plan.seed)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor | None = None, plan: MixPlan | None = None):
+        n = x.shape[0]
+        if labels.shape[:1] != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        if plan is None:
+            plan = self.plan(n, k)
+        elif k is not None:
+            raise ValueError("pass k to plan(), not together with a plan")
+        masked = self.apply(x, plan)
+        return masked, labels[plan.index.to(labels.device)], plan.weight.to(x.device)
+
+    # The generator is not a tensor: its state travels as extra state (a uint8 tensor for CPU generators,
+    # the same for CUDA ones: Generator.get_state() is a CPU ByteTensor either way).
+    def get_extra_state(self):
+        return {"generator": None if self.generator is None else self.generator.get_state()}
+
+    def set_extra_state(self, state):
+        st = (state or {}).get("generator")
+        if st is not None and self.generator is not None:
+            self.generator.set_state(st)
 
     def extra_repr(self) -> str:
         keep = self.keep if isinstance(self.keep, str) else f"{len(self.keep)} ids"

@@ -76,10 +76,9 @@ def main(argv=None) -> int:
         summary["sets"][s] = {"wall_s": wall, "claim": cl["verdict"]}
         print(md)
     info = {"command": command, "machine": mach, "wall_s": t_all}
-    for s, md in sections:
-        files = {"frontier": f"{s}/frontier.png", "grid": f"{s}/grid.png", "json": f"{s}/table.json", "md": f"{s}/table.md"}
-        name = "report.html" if len(sections) == 1 else f"report_{s}.html"
-        (out / name).write_text(report.html_page(md, info, files, tm))
+    pages = [(s, md, {"frontier": f"{s}/frontier.png", "grid": f"{s}/grid.png", "json": f"{s}/table.json", "md": f"{s}/table.md"})
+             for s, md in sections]
+    (out / "report.html").write_text(report.html_page(pages, info, tm))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"[privacy] report: {out / 'report.html'}  (total {t_all / 60:.1f} min)")
     return 0

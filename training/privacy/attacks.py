@@ -1,10 +1,10 @@
 """The four attacks of the threat model (THREAT_MODEL.md): S1 / S2 reconstruction by a U-Net decoder,
 S3 white-box and S4 black-box model inversion of the defended FR model.
 
-Every protected representation is produced by the defence itself or by fastmix ops with the defence's
-settings (``fastmix.sample_partners`` / ``sample_weights`` / ``frontend``, as the training layer's
-``Mixing._global`` does, because ``HybridMask.forward`` does not return the partner index an evaluation
-needs); the attacker's pseudo-inverse is ``fastmix.frontend_inverse``. Nothing here re-implements a mask.
+Every protected representation is produced by the defence itself, or for the mixing defences by its
+``HybridMask`` through ``plan`` / ``apply`` (the plan gives the partner index an evaluation needs: which face
+dominates each mix); the attacker's pseudo-inverse is ``fastmix.frontend_inverse``. Nothing here
+re-implements a mask.
 """
 from __future__ import annotations
 
@@ -54,12 +54,9 @@ def protect(defence: Defence, x: torch.Tensor, generator: torch.Generator, k_dis
         if isinstance(defence, Mixing):
             m = defence.mask
             k = sample_k(k_dist, n, defence.k, generator) if defence.adaptive else torch.full((n,), defence.k, dtype=torch.int64)
-            kmax = int(k.max())
-            index = fastmix.sample_partners(n, kmax, generator=generator)
-            w = fastmix.sample_weights(n, kmax, m.law, m.upper, m.alpha, generator=generator, active=k)
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if m.sign_flip else None
-            z = defence.frontend(x, keep=defence.ids, index=index, weight=w, seed=seed)
-            return Protected(z, index[rows, w.argmax(1)], seed)
+            index = fastmix.sample_partners(n, int(k.max()), generator=generator)
+            p = m.plan(index=index, k=k, generator=generator)
+            return Protected(m.apply(x, p), p.index[rows, p.weight.argmax(1)], p.seed)
         saved = defence.generator
         defence.generator = generator  # PartialFace subsets / DCTDP noise drawn from the attack's stream
         try:

@@ -196,7 +196,8 @@ def image_grid(images: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def html_page(md: str, info: dict, files: dict, threat_model: str) -> str:
+def html_page(sections: list[tuple[str, str, dict]], info: dict, threat_model: str) -> str:
+    """One page for every set: ``sections`` is [(set name, its markdown table, its file names)]."""
     import re
 
     def md_table(text):
@@ -220,18 +221,22 @@ def html_page(md: str, info: dict, files: dict, threat_model: str) -> str:
             out.append("<table>" + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
         return "\n".join(out)
 
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>fastmix privacy report</title>
-<style>body{{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}} table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #bbb;padding:3px 5px;text-align:right}} th{{background:#eee}} img{{max-width:100%}} pre{{white-space:pre-wrap;font-size:12px;background:#f6f6f6;padding:1em}}</style></head><body>
-<h1>fastmix privacy under attack</h1>
-<p>Produced by <code>{html.escape(info['command'])}</code>. Machine: {html.escape(str(info['machine']))}. Total wall time {info['wall_s'] / 60:.1f} min.</p>
-<h2>Results</h2>{md_table(md)}
-<h2>Frontier: FR accuracy vs identity leak</h2><img src="{files['frontier']}">
-<h2>Originals, protected representations and attacks</h2>
+    body = []
+    for name, md, files in sections:
+        body.append(f"""<h2>{html.escape(name.upper())}</h2>{md_table(md)}
+<h3>Frontier: FR accuracy vs identity leak</h3><img src="{files['frontier']}">
+<h3>Originals, protected representations and attacks</h3>
 <p>Per defence: two victim training faces (the attack target: for mixing defences the dominant partner of the mix), the protected
 representation shown through the attacker's pseudo-inverse (fastmix.frontend_inverse, contrast-stretched), the S1 and S2 U-Net reconstructions;
 then a real face of victim identity 0 and the S3 (white-box) and S4 (black-box) model inversions for that identity.</p>
 <img src="{files['grid']}">
+<p>Raw numbers: <a href="{files['json']}">{files['json']}</a>, table: <a href="{files['md']}">{files['md']}</a>.</p>""")
+    sets = ", ".join(n.upper() for n, _, _ in sections)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>fastmix privacy report</title>
+<style>body{{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}} table{{border-collapse:collapse;font-size:12px}}
+td,th{{border:1px solid #bbb;padding:3px 5px;text-align:right}} th{{background:#eee}} img{{max-width:100%}} pre{{white-space:pre-wrap;font-size:12px;background:#f6f6f6;padding:1em}}</style></head><body>
+<h1>fastmix privacy under attack ({html.escape(sets)})</h1>
+<p>Produced by <code>{html.escape(info['command'])}</code>. Machine: {html.escape(str(info['machine']))}. Total wall time {info['wall_s'] / 60:.1f} min.</p>
+{"".join(body)}
 <h2>Threat model, metrics and scores</h2><pre>{html.escape(threat_model)}</pre>
-<p>Raw numbers: <a href="{files['json']}">{files['json']}</a>, table: <a href="{files['md']}">{files['md']}</a>.</p>
 </body></html>"""

@@ -27,7 +27,7 @@ from .data import SPLITS
 from .evaluator import accuracy, train_evaluator
 
 # (label, defence overrides): every defence of the training issue; hybrid / adaptive as the training configs
-# set them (keep no_dc, sign flip off); InstaHide always flips signs (so S2 differs from S1 there).
+# set them (keep no_dc, sign flip off), plus k = 6 with sign flips; InstaHide always flips signs (S2 differs from S1).
 DEFENCES = [
     ("none", {"name": "none"}),
     ("ppfr", {"name": "ppfr"}),
@@ -35,6 +35,7 @@ DEFENCES = [
     ("dctdp", {"name": "dctdp"}),
     ("instahide", {"name": "instahide", "k": 4}),
     *[(f"hybrid_k{k}", {"name": "hybrid", "k": k}) for k in range(2, 7)],
+    ("hybrid6_signs", {"name": "hybrid", "k": 6, "sign_flip": True}),  # the full hybrid mask: S2 differs from S1
     ("adaptive", {"name": "adaptive"}),
 ]
 
