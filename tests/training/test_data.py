@@ -175,3 +175,29 @@ def test_lfw_split_is_identity_disjoint_real():
     t = b.tests[0]
     assert t.name == "lfw_pairsDevTest" and len(t.issame) == 1000 and t.issame.sum() == 500
     assert t.images.shape == (2000, 1, 112, 112)
+
+
+def test_shipped_gpu_config_runs_scaled_down_on_a_pack(tmp_path):
+    """training/configs/ms1m_gpu.yaml as shipped (RecordIO + .bin sets, rgb, upsample 8 -> 189 channels at
+    112x112, IResNet, ArcFace, per-sample adaptive k with global-batch partners, bf16 AMP), only scaled down
+    to run on the CPU: 2 steps, a narrow IResNet-18, bf16 autocast on the CPU (train.amp_cpu)."""
+    from training.config import load_config, project_root
+
+    imgs, labels = _faces(4, 4)
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    D.write_recordio_pack(pack / "train", [(_encode(im), int(y)) for im, y in zip(imgs, labels)])
+    for name in ("lfw", "cfp_fp", "agedb_30"):
+        pairs = [_encode(imgs[i]) for i in range(8)]
+        D.write_bin(pack / f"{name}.bin", pairs, [bool(labels[2 * p] == labels[2 * p + 1]) for p in range(4)])
+    cfg = load_config(project_root() / "training" / "configs" / "ms1m_gpu.yaml", sets=[
+        f"data.root={pack}", f"out_dir={tmp_path / 'run'}", "data.num_workers=0", "data.val_pairs=4",
+        "model.arch=iresnet18", "model.width=0.125", "model.embedding=32", "train.steps=2", "train.batch_size=4",
+        "train.device=cpu", "train.amp_cpu=true", "train.progress=false", "train.threads=1", "eval.batch_size=8",
+        "policy.update_every=1"])
+    assert cfg["defence"]["upsample"] == 8 and cfg["train"]["amp"] == "bf16" and cfg["defence"]["global_partners"]
+    res = train(cfg, resume=False)
+    assert res["steps"] == 2 and res["input"] == [189, 112] and res["defence"] == "adaptive"
+    assert sum(res["k_hist"].values()) == 2 * 4 and set(map(int, res["k_hist"])) <= {2, 3, 4, 5, 6}
+    assert [t["set"] for t in res["tests"]] == ["lfw", "cfp_fp", "agedb_30"]
+    assert all(0.0 <= t["accuracy"] <= 1.0 for t in res["tests"])
