@@ -105,23 +105,31 @@ def from_channels(z: torch.Tensor, block: int = 8) -> torch.Tensor:
 _registered = False
 
 
-def register_ops() -> None:
-    """Fake and autograd registrations for fastmix::block_dct (called by _backend once _C loads)."""
-    global _registered
-    if _registered:
-        return
+def register_block_dct_meta(qualname: str) -> None:
+    """Fake (shape) and autograd registrations of a block-DCT custom op ``qualname`` with the schema
+    (x, block, inverse) -> y: the C++ op fastmix::block_dct and the Triton op fastmix::block_dct_triton share
+    them. The transform is orthonormal, so its gradient is the inverse transform of the gradient."""
+    name = qualname.split("::", 1)[1]
 
-    @torch.library.register_fake("fastmix::block_dct")
-    def _(x, block, inverse):
+    def _fake(x, block, inverse):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     def _setup(ctx, inputs, output):
         ctx.block, ctx.inverse = inputs[1], inputs[2]
 
     def _bwd(ctx, grad):
-        return torch.ops.fastmix.block_dct(grad, ctx.block, not ctx.inverse), None, None
+        return getattr(torch.ops.fastmix, name)(grad, ctx.block, not ctx.inverse), None, None
 
-    torch.library.register_autograd("fastmix::block_dct", _bwd, setup_context=_setup)
+    torch.library.register_fake(qualname)(_fake)
+    torch.library.register_autograd(qualname, _bwd, setup_context=_setup)
+
+
+def register_ops() -> None:
+    """Fake and autograd registrations for fastmix::block_dct (called by _backend once _C loads)."""
+    global _registered
+    if _registered:
+        return
+    register_block_dct_meta("fastmix::block_dct")
     _registered = True
 
 

@@ -20,13 +20,13 @@ custom op itself, called directly on float64 data, computes in float32.)
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..dct import _block_transform_ref, register_block_dct_meta
 from . import dot_precision, interpreter_compat, tile_config
 
 BLOCK = 8
@@ -177,20 +177,7 @@ def block_dct_triton(x: torch.Tensor, block: int, inverse: bool) -> torch.Tensor
     return block_dct_forward(x, inverse)
 
 
-@block_dct_triton.register_fake
-def _(x, block, inverse):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _setup(ctx, inputs, output):
-    ctx.block, ctx.inverse = inputs[1], inputs[2]
-
-
-def _backward(ctx, grad):
-    return torch.ops.fastmix.block_dct_triton(grad, ctx.block, not ctx.inverse), None, None
-
-
-block_dct_triton.register_autograd(_backward, setup_context=_setup)
+register_block_dct_meta("fastmix::block_dct_triton")  # the same fake and autograd as the C++ op
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,16 +193,5 @@ def block_transform(x: torch.Tensor, block: int, inverse: bool) -> torch.Tensor:
     which is exact and differentiable on every device.
     """
     if block != BLOCK or x.dtype == torch.float64:
-        return _fallback(x, block, inverse)
+        return _block_transform_ref(x, block, inverse)
     return torch.ops.fastmix.block_dct_triton(x, block, inverse)
-
-
-@functools.lru_cache(maxsize=None)
-def _ref():
-    from ..dct import _block_transform_ref
-
-    return _block_transform_ref
-
-
-def _fallback(x, block, inverse):
-    return _ref()(x, block, inverse)
