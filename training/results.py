@@ -11,6 +11,13 @@ and over its last 20% of steps, and the wall time; with the CPU model, core coun
 load average at the start (the machine may be shared) and the total wall time. ``--reuse`` picks up runs
 that finished before an interruption (same config), keeping the wall time they were measured with;
 ``--reuse --reeval`` evaluates their final checkpoints again (after a change to the metrics).
+
+    python -m training.results --summarize training/results/orl_cpu.json training/results/orl_cpu_seed1.json \
+        training/results/orl_cpu_seed2.json --out training/results/orl_cpu_seeds
+
+``--summarize`` trains nothing: it reads tables written by earlier invocations (one seed each) and writes the
+mean and spread per defence over the seeds, and per seed the adaptive run's accuracy against the fixed-k
+curve of the same seed at the same mean k (linear interpolation between the neighbouring k).
 """
 from __future__ import annotations
 
@@ -104,7 +111,9 @@ def run_table(config: str, defences, sets, out_root: Path, curves_prefix: Path |
         png = Path(cfg["out_dir"]) / "metrics.png"
         if curves_prefix is not None and name == "adaptive" and png.exists():
             # the adaptive run's curves (loss, held-out accuracy, mean k, k distribution) beside the table
-            shutil.copyfile(png, curves_prefix.parent / f"{cfg['name']}_{tag}_curves.png")
+            # named after the output (orl_cpu_seed1_adaptive_curves.png), and the config when they differ
+            stem = curves_prefix.name if curves_prefix.name.startswith(cfg["name"]) else f"{curves_prefix.name}_{cfg['name']}"
+            shutil.copyfile(png, curves_prefix.parent / f"{stem}_{tag}_curves.png")
         print(f"[results] {cfg['name']} {label(name, k)}: test {row['test_accuracy']:.4f}, k {row['k_mean_last20']:.2f}, {wall:.0f} s", flush=True)
     return {"config": config, "overrides": sets, "name": base["name"], "data": data.info, "rows": rows, "base_config": base}
 
@@ -152,9 +161,77 @@ def to_markdown(tables: list[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
+def curve_at(points: dict[int, float], k: float) -> float | None:
+    """Linear interpolation of {k: accuracy} (fixed-k runs) at a fractional k; None outside the measured k."""
+    ks = sorted(points)
+    if not ks or k < ks[0] or k > ks[-1]:
+        return None
+    for a, b in zip(ks, ks[1:]):
+        if a <= k <= b:
+            return points[a] + (points[b] - points[a]) * (k - a) / (b - a)
+    return points[ks[0]]
+
+
+def summarize(paths: list[str]) -> tuple[dict, str]:
+    """Mean / std per defence over the tables in ``paths`` (one seed each), and the adaptive-vs-curve test."""
+    import statistics
+
+    per: dict[str, list] = {}
+    seeds, cmp_rows, names = [], [], set()
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        for t in d["tables"]:
+            names.add(t["name"])
+            seed = int(t["base_config"]["seed"])
+            seeds.append(seed)
+            fixed, ad = {}, None
+            for r in t["rows"]:
+                per.setdefault(r["defence"], []).append((seed, r))
+                if r["defence"].startswith("hybrid (k="):
+                    fixed[int(r["defence"][10:-1])] = r["test_accuracy"]
+                if r["defence"] == "adaptive":
+                    ad = r
+            if ad is not None:
+                ref = curve_at(fixed, ad["k_mean"])
+                cmp_rows.append({"seed": seed, "adaptive": ad["test_accuracy"], "k_mean": ad["k_mean"],
+                                 "k_mean_last20": ad["k_mean_last20"], "fixed_curve": ref,
+                                 "difference": None if ref is None else ad["test_accuracy"] - ref})
+
+    def ms(v):
+        return (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+
+    agg = []
+    for name, runs in per.items():
+        acc = [r["test_accuracy"] for _, r in runs]
+        km = [r["k_mean"] for _, r in runs]
+        agg.append({"defence": name, "seeds": [s for s, _ in runs], "test_accuracy": ms(acc), "k_mean": ms(km),
+                    "k_mean_last20": ms([r["k_mean_last20"] for _, r in runs])})
+    lines = [f"# {', '.join(sorted(names))}: test accuracy over seeds {sorted(set(seeds))}", "",
+             f"Summarised by `python -m training.results --summarize {' '.join(paths)}` from the tables of those runs "
+             "(each file names the command, machine and date it was measured with).", "",
+             "| defence | seeds | test accuracy (mean ± std) | mean k (all) | mean k (last 20%) |", "|---|---|---|---|---|"]
+    for a in agg:
+        lines.append(f"| {a['defence']} | {len(a['seeds'])} | {a['test_accuracy'][0]:.4f} ± {a['test_accuracy'][1]:.4f} | "
+                     f"{a['k_mean'][0]:.2f} ± {a['k_mean'][1]:.2f} | {a['k_mean_last20'][0]:.2f} ± {a['k_mean_last20'][1]:.2f} |")
+    if cmp_rows:
+        lines += ["", "Adaptive against the fixed-k curve of the same seed, at the adaptive run's mean k over training "
+                  "(linear interpolation between the neighbouring fixed k):", "",
+                  "| seed | adaptive accuracy | its mean k (all / last 20%) | fixed-k curve there | difference |", "|---|---|---|---|---|"]
+        for c in cmp_rows:
+            ref = "-" if c["fixed_curve"] is None else f"{c['fixed_curve']:.4f}"
+            dif = "-" if c["difference"] is None else f"{c['difference']:+.4f}"
+            lines.append(f"| {c['seed']} | {c['adaptive']:.4f} | {c['k_mean']:.2f} / {c['k_mean_last20']:.2f} | {ref} | {dif} |")
+        difs = [c["difference"] for c in cmp_rows if c["difference"] is not None]
+        if difs:
+            m, sd = ms(difs)
+            lines += ["", f"Mean difference {m:+.4f} ± {sd:.4f} over {len(difs)} seeds."]
+    return {"paths": paths, "aggregate": agg, "adaptive_vs_fixed": cmp_rows}, "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.results", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", required=True)
+    ap.add_argument("--configs", nargs="+")
+    ap.add_argument("--summarize", nargs="+", metavar="TABLE.json", help="summarise earlier tables over seeds (trains nothing)")
     ap.add_argument("--defences", default=DEFAULT_DEFENCES, help=f"comma-separated name or name:k (default {DEFAULT_DEFENCES})")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     ap.add_argument("--out", default="training/results/results", help="output path without extension (.md and .json)")
@@ -163,6 +240,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        data, md = summarize(args.summarize)
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+        out.with_suffix(".md").write_text(md)
+        print(md)
+        return 0
+    if not args.configs:
+        ap.error("--configs is required (or --summarize)")
     info = {"command": "python -m training.results " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
             "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     t0 = time.time()

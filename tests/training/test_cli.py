@@ -39,3 +39,25 @@ def test_cli_trains_and_evaluates(tmp_path, tiny, capsys):
     assert "identification" in out and "mean k" in out
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["steps"] == 2 and res["defence"] == "adaptive"
+
+
+def test_results_summary_over_seeds(tmp_path):
+    from training.results import curve_at, summarize
+
+    assert curve_at({2: 0.9, 3: 0.8, 4: 0.6}, 3.5) == pytest.approx(0.7)
+    assert curve_at({2: 0.9, 3: 0.8}, 2.0) == pytest.approx(0.9) and curve_at({2: 0.9, 3: 0.8}, 3.5) is None
+    paths = []
+    for seed, (a2, a4, ad, km) in enumerate([(0.9, 0.7, 0.75, 3.0), (0.8, 0.6, 0.75, 2.5)]):
+        rows = [{"defence": "hybrid (k=2)", "test_accuracy": a2, "k_mean": 2.0, "k_mean_last20": 2.0},
+                {"defence": "hybrid (k=4)", "test_accuracy": a4, "k_mean": 4.0, "k_mean_last20": 4.0},
+                {"defence": "adaptive", "test_accuracy": ad, "k_mean": km, "k_mean_last20": km}]
+        p = tmp_path / f"s{seed}.json"
+        p.write_text(json.dumps({"tables": [{"name": "t", "base_config": {"seed": seed}, "rows": rows}]}))
+        paths.append(str(p))
+    data, md = summarize(paths)
+    cmp = {c["seed"]: c for c in data["adaptive_vs_fixed"]}
+    assert cmp[0]["fixed_curve"] == pytest.approx(0.8) and cmp[0]["difference"] == pytest.approx(-0.05)
+    assert cmp[1]["fixed_curve"] == pytest.approx(0.75) and cmp[1]["difference"] == pytest.approx(0.0)
+    ad = next(a for a in data["aggregate"] if a["defence"] == "adaptive")
+    assert ad["test_accuracy"][0] == pytest.approx(0.75) and ad["k_mean"][0] == pytest.approx(2.75)
+    assert "Mean difference -0.0250" in md
