@@ -326,6 +326,27 @@ def test_empty_batches(backend, gen):
     assert z.shape == (2, 192, 0, 1)
 
 
+def test_empty_results_stay_in_the_graph(backend):
+    # an empty batch or keep set computes nothing, but backward must still work (zero gradients)
+    x = torch.randn(3, 3, 16, 8, requires_grad=True)
+    w = torch.rand(0, 2, requires_grad=True)
+    z = fastmix.freq_mix(x, torch.zeros(0, 2, dtype=torch.int64), w)
+    assert z.shape == (0, 192, 2, 1) and z.requires_grad
+    z.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and w.grad.shape == (0, 2)
+    # empty keep with a NaN in x: zeros out (the NaN cannot leak in), zero gradients back
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    x.requires_grad_()
+    w = torch.rand(2, 2, requires_grad=True)
+    z = fastmix.freq_mix(x, torch.tensor([[0, 1], [1, 0]]), w, keep=[], out="pixels")
+    assert torch.equal(z, torch.zeros(2, 3, 8, 8)) and z.requires_grad
+    (z * 2).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
+    with torch.no_grad():
+        assert not fastmix.freq_mix(x, torch.tensor([[0, 1]]), w[:1], keep=[]).requires_grad
+
+
 # ----------------------------------------------------------------------------------------------------
 # Gradients
 # ----------------------------------------------------------------------------------------------------

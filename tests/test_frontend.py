@@ -276,6 +276,12 @@ def test_empty_batches(backend):
         torch.zeros(2, 3, 4, 4), index=torch.zeros(0, 2, dtype=torch.int64), weight=torch.zeros(0, 2), out_dtype=torch.bfloat16
     )
     assert z.shape == (0, 192, 4, 4) and z.dtype == torch.bfloat16
+    x = torch.rand(2, 3, 4, 4, requires_grad=True)
+    w = torch.zeros(0, 2, requires_grad=True)
+    z = fastmix.frontend(x, index=torch.zeros(0, 2, dtype=torch.int64), weight=w, out_dtype=torch.bfloat16)
+    assert z.requires_grad and z.dtype == torch.bfloat16
+    z.float().sum().backward()  # an empty batch still backpropagates (zero gradients)
+    assert torch.equal(x.grad, torch.zeros_like(x)) and w.grad.shape == (0, 2)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -43,3 +43,15 @@ def check_same_device(ref: torch.Tensor, ref_name: str, **others) -> None:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def zeros_result(shape, dtype: torch.dtype, like: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """Zeros of ``shape`` for an op with nothing to compute (an empty batch or keep set), still connected to
+    autograd when an input requires grad: backward then gives those inputs zero gradients instead of failing
+    with "does not require grad". The connection is a sum over an empty slice of each input: exactly 0, and
+    a NaN or Inf in the input cannot reach the zeros."""
+    out = like.new_zeros(shape, dtype=dtype)
+    tracked = [t for t in inputs if t is not None and t.requires_grad]
+    if torch.is_grad_enabled() and tracked:
+        out = out + sum(t.reshape(-1)[:0].sum() for t in tracked).to(dtype)
+    return out

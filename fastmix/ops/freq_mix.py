@@ -18,7 +18,7 @@ import torch
 
 from .. import _backend
 from .._compile import constant_result
-from ._common import check_float_tensor, check_multiple, check_same_device, compute_dtype
+from ._common import check_float_tensor, check_multiple, check_same_device, compute_dtype, zeros_result
 from .dct import block_dct_ref, block_idct_ref, dct_matrix, from_channels, to_channels
 from .sign import MAX_BLOCKS, check_seed, sign_ref
 
@@ -321,7 +321,7 @@ def freq_mix(x, index, weight, *, keep=None, seed=None, out="channels"):
     if m == 0 or x.numel() == 0 or not ids:
         # Nothing to compute (removed channels are zero, so an empty keep gives zero pixels).
         shape = (m, c, h, w) if pixels else (m, len(ids), h // BLOCK, w // BLOCK)
-        return x.new_zeros(shape)
+        return zeros_result(shape, x.dtype, x, x, weight)
     if backend == "torch":
         cd = compute_dtype(x.dtype)
         ch = to_channels(block_dct_ref(x.to(cd)))

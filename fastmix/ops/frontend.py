@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .._compile import constant_result
-from ._common import check_float_tensor, check_same_device, compute_dtype
+from ._common import check_float_tensor, check_same_device, compute_dtype, zeros_result
 from .dct import block_dct_ref, block_idct_ref, dct_matrix, from_channels, to_channels
 from .freq_mix import (
     BLOCK,
@@ -204,7 +204,7 @@ def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None
     m = index.shape[0]
     hb, wb = h * upsample // BLOCK, w * upsample // BLOCK
     if m == 0 or x.numel() == 0 or not ids:
-        return x.new_zeros((m, len(ids), hb, wb), dtype=out_dtype)
+        return zeros_result((m, len(ids), hb, wb), out_dtype, x, x, weight)
     backend = _backend.choose(x.device, "frontend")
     cd = compute_dtype(x.dtype)
     if backend == "torch":
