@@ -224,6 +224,16 @@ def test_missing_cpu_extension_says_how_to_build(monkeypatch):
     assert fm().shape == (3, 192, 2, 1)
 
 
+def test_gpu_default_is_triton_then_cuda(monkeypatch):
+    """Until gpu_bench has measured both on a GPU, the CI-checked Triton kernels are the default."""
+    monkeypatch.delenv("FASTMIX_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "available_backends", lambda device: ("torch", "triton", "cuda"))
+    for op in ("freq_mix", "frontend", "block_dct", "block_idct"):
+        assert _backend.choose(torch.device("cuda", 0), op) == "triton", op
+    monkeypatch.setattr(_backend, "available_backends", lambda device: ("torch", "cuda"))
+    assert _backend.choose(torch.device("cuda", 0), "frontend") == "cuda"
+
+
 def test_missing_gpu_backends_say_what_to_install(monkeypatch):
     """For CUDA tensors with neither triton nor the CUDA extension: the error names both fixes.
     (Checked on the dispatcher itself: no CUDA tensor exists on a CPU machine, and nothing here touches CUDA.)"""
