@@ -171,7 +171,11 @@ def probe(case: str, mode: str, impl: str, small: bool) -> dict:
 
 
 def run_probe(case: str, mode: str, impl: str, small: bool) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", FASTMIX_BACKEND="cpu")
+    # the probe runs this file as a script: put the repo root first on its path, so that it measures the
+    # fastmix of this checkout even where the installed one is elsewhere (or not installed)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", FASTMIX_BACKEND="cpu", PYTHONPATH=path)
     cmd = [sys.executable, os.path.abspath(__file__), "--probe", case, mode, impl] + (["--small"] if small else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../sign.h"
+#include "vec8.h"
 
 namespace fastmix {
 namespace {
@@ -68,26 +69,6 @@ struct Geometry {
   const uint8_t* v(int64_t k) const { return valid.data() + k * BS; }
   const acc_t* t(int64_t k) const { return tr.data() + k * NF; }
 };
-
-// 8 lanes of acc_t as a GCC/Clang vector: one AVX register for float (two halves of AVX-512 for double).
-// Written with explicit vectors because the plain-array form of these loops was not vectorised by GCC 12
-// (measured 512 ns vs 23 ns per 8x8 transform on this project's Xeon, -O3 -march=native).
-template <typename T>
-struct Vec8 {
-  typedef T type __attribute__((vector_size(8 * sizeof(T))));
-};
-template <typename acc_t>
-using v8 = typename Vec8<acc_t>::type;
-template <typename acc_t>
-inline v8<acc_t> vload(const acc_t* p) {
-  v8<acc_t> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename acc_t>
-inline void vstore(acc_t* p, v8<acc_t> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
 
 // C = A P B^T.  A[u][a] (a < ra), P[a][b], BT[b][v] (b < rb); P rows are 8 wide. One 8-lane vector per row.
 template <typename acc_t>
