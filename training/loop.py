@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -363,7 +364,12 @@ def train(cfg: dict, resume: bool = True, data=None) -> dict:
         else:
             loss.backward()
             opt.step()
-        sched.step()
+        with warnings.catch_warnings():
+            # fp16: GradScaler skips the optimiser step when the scaled gradients overflow (the first steps, while
+            # it finds its scale); the schedule still advances with the step count, on purpose (exact resume
+            # counts steps), so torch's "lr_scheduler.step() before optimizer.step()" warning does not apply.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+            sched.step()
         if policy is not None:
             policy.record(s, a, policy.reward(loss_vec, a))
             policy.observe_loss(float(loss.detach()))
