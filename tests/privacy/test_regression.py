@@ -42,7 +42,7 @@ def test_pipeline_and_cli_smoke(orl_root, tmp_path):
     """The whole command on a smoke budget (a few steps of everything) writes every report file."""
     from training.privacy.__main__ import main
 
-    assert main(["--budget", "smoke", "--seeds", "0", "--defences", "none,instahide,hybrid_k2,hybrid_k3,adaptive",
+    assert main(["--budget", "smoke", "--sets", "orl", "--seeds", "0", "--defences", "none,instahide,hybrid_k2,hybrid_k3,adaptive",
                  "--out", str(tmp_path / "res"), "--work", str(tmp_path / "work")]) == 0
     d = tmp_path / "res" / "orl"
     for f in ("table.md", "table.json", "frontier.png", "grid.png"):

@@ -1,7 +1,7 @@
 """CLI: every scenario against every defence, then the report.
 
-    python -m training.privacy                                  # ORL, seeds 0 1, full budget -> training/privacy/results/
-    python -m training.privacy --sets orl lfw --seeds 0 1 2     # LFW too (identity-disjoint split; not run on the CPU here)
+    python -m training.privacy                                  # ORL and LFW, seeds 0-4, full budget -> training/privacy/results/ (~50 min, 2 cores)
+    python -m training.privacy --sets orl --seeds 0 1           # a subset
     python -m training.privacy --reuse                          # rebuild the report from out/privacy/<set>_s<seed>/run.json
     python -m training.privacy --budget smoke --out /tmp/p      # seconds: a smoke run of the whole pipeline
 """
@@ -24,8 +24,8 @@ from .run import BUDGETS, DEFENCES, run
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.privacy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sets", nargs="+", default=["orl"], choices=["orl", "lfw"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--sets", nargs="+", default=["orl", "lfw"], choices=["orl", "lfw"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--budget", default="full", choices=sorted(BUDGETS))
     ap.add_argument("--defences", default=None, help="comma-separated labels (default: all): " + ",".join(d for d, _ in DEFENCES))
     ap.add_argument("--scenarios", default="S1,S2,S3,S4")
