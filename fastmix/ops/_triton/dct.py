@@ -70,6 +70,19 @@ def _cast_out(v, ptr, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _tile_coords(tile, W, Wb, HbWb, BL: tl.constexpr):
+    """Block ids L of one tile, their mask, block row / column, and the [BL, 64] pixel offsets of the
+    blocks' 8x8 tiles inside a plane (row a*8 + b of the tile = pixel (8I + a, 8J + b))."""
+    L = tile * BL + tl.arange(0, BL)
+    lmask = L < HbWb
+    bi = L // Wb
+    bj = L % Wb
+    g = tl.arange(0, 64)
+    poff = (bi * 8 * W + bj * 8)[:, None] + ((g // 8) * W + g % 8)[None, :]
+    return L, lmask, bi, bj, g, poff
+
+
+@triton.jit
 def _block_dct_kernel(
     x_ptr, y_ptr, d_ptr,
     HW, W, Wb, HbWb, n_tiles,
@@ -81,12 +94,7 @@ def _block_dct_kernel(
     pid = tl.program_id(0)
     tile = pid % n_tiles
     plane = (pid // n_tiles).to(tl.int64) * HW
-    blk = tile * BL + tl.arange(0, BL)
-    bmask = blk < HbWb
-    bi = blk // Wb
-    bj = blk % Wb
-    g = tl.arange(0, 64)
-    offs = (bi * 8 * W + bj * 8)[:, None] + ((g // 8) * W + g % 8)[None, :]  # [BL, 64]
+    blk, bmask, _, _, g, offs = _tile_coords(tile, W, Wb, HbWb, BL)  # offs [BL, 64]
     mask = bmask[:, None]
     tile_in = tl.load(x_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
     if INVERSE:

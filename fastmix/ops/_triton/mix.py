@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 
 from . import CONFIG, dot_precision, interpreter_compat, tile_config
-from .dct import _cast_out, _kron8, block_dct_forward, check_plane, rne_bf16
+from .dct import _cast_out, _kron8, _tile_coords, block_dct_forward, check_plane, rne_bf16
 from ..freq_mix import mix_autograd, mix_fwd_fake
 from .sign import _apply_sign, _plane_hash, kernel_key
 
@@ -136,16 +136,13 @@ def _masked_if(mask, pred):
 
 
 @triton.jit
-def _tile_coords(tile, W, Wb, HbWb, BL: tl.constexpr):
-    """Block ids L of one tile, their mask, block row / column, and the [BL, 64] pixel offsets of the
-    blocks' 8x8 tiles inside a plane (row a*8 + b of the tile = pixel (8I + a, 8J + b))."""
-    L = tile * BL + tl.arange(0, BL)
-    lmask = L < HbWb
-    bi = L // Wb
-    bj = L % Wb
-    g = tl.arange(0, 64)
-    poff = (bi * 8 * W + bj * 8)[:, None] + ((g // 8) * W + g % 8)[None, :]
-    return L, lmask, bi, bj, g, poff
+def _program_tile(n_tiles, C):
+    """The (tile, colour, row) a program of the mix kernels works on: programs run over (row, colour, tile)
+    with the tile fastest; row (an output m, or an input image n) is int64 for the offsets built from it."""
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    rc = pid // n_tiles
+    return tile, rc % C, (rc // C).to(tl.int64)
 
 
 @triton.jit
@@ -165,11 +162,7 @@ def _mix_fwd_dct_kernel(
     # One program: output m, colour c, BL blocks. src is x (N, C, H, W), or with COEF_IN its block DCT in
     # the channel layout (N, C*64, Hb, Wb) (per-frequency weights: transforming every partner of every
     # output costs k tl.dot per tile; transforming each image once costs one extra pass over x instead).
-    pid = tl.program_id(0)
-    tile = pid % n_tiles
-    mc = pid // n_tiles
-    c = mc % C
-    m = (mc // C).to(tl.int64)
+    tile, c, m = _program_tile(n_tiles, C)
     L, lmask, bi, bj, g, poff = _tile_coords(tile, W, Wb, HbWb, BL)
     pmask = lmask[:, None]
     if COEF_IN:
@@ -229,11 +222,7 @@ def _mix_bwd_dct_kernel(
     # write the same element: deterministic, no atomics. grad is in the channel layout (M, n_kept, Hb, Wb);
     # a pixels gradient is transformed to it by the launcher (a tl.dot inside this loop made the fp32
     # "ieee" product spill registers).
-    pid = tl.program_id(0)
-    tile = pid % n_tiles
-    nc = pid // n_tiles
-    c = nc % C
-    n = (nc // C).to(tl.int64)
+    tile, c, n = _program_tile(n_tiles, C)
     L, lmask, bi, bj, g, poff = _tile_coords(tile, W, Wb, HbWb, BL)
     pmask = lmask[:, None]
     slot = tl.load(pos_ptr + c * 64 + g)
@@ -290,11 +279,7 @@ def _mix_bwd_x_atomic_kernel(
     # Atomic variant of the x gradient (plain DCT geometry): one program per output m reads G_m once and
     # adds w * A^T G B into the fp32 gradient of each partner with atomics. Fewer bytes read than the
     # gather (grad once instead of k times) but the summation order varies from run to run.
-    pid = tl.program_id(0)
-    tile = pid % n_tiles
-    mc = pid // n_tiles
-    c = mc % C
-    m = (mc // C).to(tl.int64)
+    tile, c, m = _program_tile(n_tiles, C)
     L, lmask, bi, bj, g, poff = _tile_coords(tile, W, Wb, HbWb, BL)
     pmask = lmask[:, None]
     slot = tl.load(pos_ptr + c * 64 + g)
@@ -389,11 +374,7 @@ def _mix_fwd_kernel(
 ):
     # One program: output m, colour c, BL blocks (consecutive along the (Hb, Wb) plane, so each channel's
     # store is a contiguous run of BL values).
-    pid = tl.program_id(0)
-    tile = pid % n_tiles
-    mc = pid // n_tiles
-    c = mc % C
-    m = (mc // C).to(tl.int64)
+    tile, c, m = _program_tile(n_tiles, C)
     L, lmask, bi, bj, porg, arow, brow = _block_coords(tile, Wb, HbWb, rs_ptr, cs_ptr, W, BL)
     k8 = tl.arange(0, 8)
     f3 = k8[None, :, None] * 8 + k8[None, None, :]  # [1, 8, 8] coefficient id u*8 + v
@@ -458,11 +439,7 @@ def _mix_bwd_adj_kernel(
     # Pass 1 of the resampling backward. One program: output m, colour c, BL blocks. Reads the channel
     # gradient once (the dominant traffic of the whole backward) and writes each block's patch gradient
     # A_I^T G B_J (RA x RB values) to T[(m or m*k+t), c, a*RB + b, L] (contiguous along L).
-    pid = tl.program_id(0)
-    tile = pid % n_tiles
-    mc = pid // n_tiles
-    c = mc % C
-    m = (mc // C).to(tl.int64)
+    tile, c, m = _program_tile(n_tiles, C)
     L, lmask, bi, bj, porg, arow, brow = _block_coords(tile, Wb, HbWb, rs_ptr, cs_ptr, W, BL)
     k8 = tl.arange(0, 8)
     f3 = k8[None, :, None] * 8 + k8[None, None, :]
