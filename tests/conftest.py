@@ -2,10 +2,17 @@
 the conventions: backends, seeded inputs, the float64 oracle, the tolerance table)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from _fastmix_testing import BACKEND_PARAMS, absent_reason, generator_for
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the project root on sys.path:
+    sys.path.insert(0, str(ROOT))  # tests/training and tests/privacy import the training package from there
 
 
 @pytest.fixture(params=BACKEND_PARAMS, ids=lambda b: f"be={b}")

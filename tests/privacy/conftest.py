@@ -1,24 +1,16 @@
-"""Fixtures of the privacy tests: the project root on sys.path, one torch thread (2 shared cores: one thread
-is several times faster than two under load, measured), ORL or a printed skip reason."""
+"""Fixtures of the privacy tests: one torch thread (2 shared cores: one thread is several times faster than
+two under load, measured), ORL or a printed skip reason. The project root is put on sys.path by tests/conftest.py."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the project root on sys.path
-    sys.path.insert(0, str(ROOT))
-
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _every_test_on_one_thread(one_thread):
+    """tests/conftest.py's one_thread, for every privacy test."""
 
 
 @pytest.fixture(scope="session")

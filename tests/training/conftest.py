@@ -2,17 +2,10 @@
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the project root on sys.path
-    sys.path.insert(0, str(ROOT))
-
-from training.config import load_config  # noqa: E402
+from training.config import load_config  # the project root is on sys.path through tests/conftest.py
 
 
 def tiny_config(out_dir, **over) -> dict:
@@ -43,9 +36,6 @@ def tiny():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine has 2 cores shared with other suites: one intra-op thread keeps runs predictable.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _every_test_on_one_thread(one_thread):
+    """tests/conftest.py's one_thread for every test here: the CI machine has 2 cores shared with other
+    suites, and one intra-op thread keeps runs predictable."""
