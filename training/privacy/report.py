@@ -200,6 +200,10 @@ def html_page(sections: list[tuple[str, str, dict]], info: dict, threat_model: s
     """One page for every set: ``sections`` is [(set name, its markdown table, its file names)]."""
     import re
 
+    def table(rows):
+        cell = lambda i, c: f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"  # noqa: E731
+        return "<table>" + "".join("<tr>" + "".join(cell(i, c) for c in r) + "</tr>" for i, r in enumerate(rows)) + "</table>"
+
     def md_table(text):
         out, rows = [], []
         for ln in text.splitlines():
@@ -209,7 +213,7 @@ def html_page(sections: list[tuple[str, str, dict]], info: dict, threat_model: s
                 rows.append(ln.strip("|").split("|"))
                 continue
             if rows:
-                out.append("<table>" + "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>" for c in r) + "</tr>" for i, r in enumerate(rows)) + "</table>")
+                out.append(table(rows))
                 rows = []
             if ln.startswith("### "):
                 out.append(f"<h3>{html.escape(ln[4:])}</h3>")
@@ -218,7 +222,7 @@ def html_page(sections: list[tuple[str, str, dict]], info: dict, threat_model: s
             elif ln.strip():
                 out.append("<p>" + re.sub(r"[*][*](.+?)[*][*]", r"<b>\1</b>", html.escape(ln)) + "</p>")
         if rows:
-            out.append("<table>" + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+            out.append(table(rows))
         return "\n".join(out)
 
     body = []
