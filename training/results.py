@@ -161,15 +161,15 @@ def to_markdown(tables: list[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
-def curve_at(points: dict[int, float], k: float) -> float | None:
-    """Linear interpolation of {k: accuracy} (fixed-k runs) at a fractional k; None outside the measured k."""
-    ks = sorted(points)
-    if not ks or k < ks[0] or k > ks[-1]:
-        return None
-    for a, b in zip(ks, ks[1:]):
-        if a <= k <= b:
-            return points[a] + (points[b] - points[a]) * (k - a) / (b - a)
-    return points[ks[0]]
+def interpolate(points, x: float) -> float | None:
+    """Piecewise-linear y(x) through ``points`` [(x, y), ...] (any order); None outside their x range.
+    Used for the fixed-k curves: accuracy at a fractional k here, identity leak at an accuracy in
+    training/privacy/report.py."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1] if len(pts) == 1 and pts[0][0] == x else None
 
 
 def summarize(paths: list[str]) -> tuple[dict, str]:
@@ -192,7 +192,7 @@ def summarize(paths: list[str]) -> tuple[dict, str]:
                 if r["defence"] == "adaptive":
                     ad = r
             if ad is not None:
-                ref = curve_at(fixed, ad["k_mean"])
+                ref = interpolate(fixed.items(), ad["k_mean"])
                 cmp_rows.append({"seed": seed, "adaptive": ad["test_accuracy"], "k_mean": ad["k_mean"],
                                  "k_mean_last20": ad["k_mean_last20"], "fixed_curve": ref,
                                  "difference": None if ref is None else ad["test_accuracy"] - ref})

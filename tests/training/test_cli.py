@@ -42,10 +42,10 @@ def test_cli_trains_and_evaluates(tmp_path, tiny, capsys):
 
 
 def test_results_summary_over_seeds(tmp_path):
-    from training.results import curve_at, summarize
+    from training.results import interpolate, summarize
 
-    assert curve_at({2: 0.9, 3: 0.8, 4: 0.6}, 3.5) == pytest.approx(0.7)
-    assert curve_at({2: 0.9, 3: 0.8}, 2.0) == pytest.approx(0.9) and curve_at({2: 0.9, 3: 0.8}, 3.5) is None
+    assert interpolate({2: 0.9, 3: 0.8, 4: 0.6}.items(), 3.5) == pytest.approx(0.7)
+    assert interpolate({2: 0.9, 3: 0.8}.items(), 2.0) == pytest.approx(0.9) and interpolate({2: 0.9, 3: 0.8}.items(), 3.5) is None
     paths = []
     for seed, (a2, a4, ad, km) in enumerate([(0.9, 0.7, 0.75, 3.0), (0.8, 0.6, 0.75, 2.5)]):
         rows = [{"defence": "hybrid (k=2)", "test_accuracy": a2, "k_mean": 2.0, "k_mean_last20": 2.0},

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from training.results import interpolate
+
 SCEN = ("S1", "S2", "S3", "S4")
 
 
@@ -43,16 +45,6 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
-def _interp(points, acc):
-    """Leak of the fixed-k curve at accuracy ``acc``: linear interpolation between the fixed-k points sorted
-    by accuracy; None outside their accuracy range (no fixed k reaches that accuracy: no equal-accuracy point)."""
-    pts = sorted(points)
-    for (a0, l0), (a1, l1) in zip(pts, pts[1:]):
-        if a0 <= acc <= a1:
-            return l0 if a1 == a0 else l0 + (l1 - l0) * (acc - a0) / (a1 - a0)
-    return None
-
-
 def claim(runs: list[dict]) -> dict:
     """Per seed: adaptive's identity leak vs the fixed-k curve's leak at adaptive's accuracy, and the fixed k
     that are at least as accurate and leak no more (which would refute "more privacy than every fixed k")."""
@@ -63,7 +55,8 @@ def claim(runs: list[dict]) -> dict:
             continue
         ad = rows["adaptive"]
         fixed = {k: rows[f"hybrid_k{k}"] for k in range(2, 7) if f"hybrid_k{k}" in rows}
-        curve = _interp([(f["accuracy"], f["identity_leak"]) for f in fixed.values()], ad["accuracy"])
+        # the fixed-k curve's leak at adaptive's accuracy (None where no fixed k reaches it: no equal-accuracy point)
+        curve = interpolate([(f["accuracy"], f["identity_leak"]) for f in fixed.values()], ad["accuracy"])
         dominating = [k for k, f in fixed.items() if f["accuracy"] >= ad["accuracy"] and f["identity_leak"] <= ad["identity_leak"]]
         per.append({"seed": r["info"]["seed"], "adaptive_accuracy": ad["accuracy"], "adaptive_leak": ad["identity_leak"],
                     "adaptive_k_mean": ad.get("k_mean"), "fixed_leak_at_equal_accuracy": curve,
