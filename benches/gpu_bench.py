@@ -138,6 +138,19 @@ def peak_extra_bytes(fn):
     return int(peak)
 
 
+@contextlib.contextmanager
+def errors_into(rec):
+    """A timing that fails is recorded in rec["error"] (out of memory kept short), not raised: one failed
+    case must not cost the rest of a 15-minute device lease."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        rec["error"] = f"out of memory: {str(exc)[:200]}"
+    except Exception as exc:
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        traceback.print_exc()
+
+
 def poison():
     """Fill the caching allocator's free memory with NaN so that outputs start as NaN, not zeros."""
     if DEV.type != "cuda":
@@ -497,7 +510,7 @@ def time_impl(case, impl, f, x, wt, need_bwd=True):
         with torch.no_grad():
             return f(x, wt)
 
-    try:
+    with errors_into(rec):
         rec["fwd_ms"] = bench_ms(fwd)
         rec["peak_bytes"] = peak_extra_bytes(fwd)
         if need_bwd:
@@ -508,11 +521,6 @@ def time_impl(case, impl, f, x, wt, need_bwd=True):
             y = f(x, wt)
             rec["bwd_xw_ms"] = bench_ms(lambda: torch.autograd.grad(y, (x, wt), g, retain_graph=True))
             del y
-    except torch.cuda.OutOfMemoryError as exc:
-        rec["error"] = f"out of memory: {str(exc)[:200]}"
-    except Exception as exc:
-        rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        traceback.print_exc()
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
     RESULTS["timings"].append(rec)
@@ -593,7 +601,7 @@ def fr_step_cost(n, backends):
             cs.out_dtype = od
             rec = {"case": "fr_step", "backend": be, "n": n, "arch": arch, "classes": classes, "autocast": "bf16",
                    "input": [len(cs.keep), src, src], "frontend_out": str(od or torch.float32).replace("torch.", "")}
-            try:
+            with errors_into(rec):
                 with variant(be), torch.no_grad():
                     z = cs.run(x, index, wt)
                 with variant(be):
@@ -607,11 +615,6 @@ def fr_step_cost(n, backends):
                 pub = [r for r in RESULTS["timings"] if r["case"] == "fe_fp32" and r["impl"] == "published" and "fwd_ms" in r]
                 if pub and n == 512:
                     rec["published_share_pct"] = 100 * pub[0]["fwd_ms"] / (rec["step_ms"] + pub[0]["fwd_ms"])
-            except torch.cuda.OutOfMemoryError as exc:
-                rec["error"] = f"out of memory: {str(exc)[:200]}"
-            except Exception as exc:
-                rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
-                traceback.print_exc()
             RESULTS["fr_step"].append(rec)
             log("  fr_step " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
             if DEV.type == "cuda":
