@@ -8,14 +8,14 @@ nothing: the caller installs first. On the device machine:
 On a machine without a GPU, ``python benches/gpu_bench.py --dry-run`` runs every code path on CPU tensors
 through Triton's interpreter (tiny shapes, wall-clock timings that mean nothing) to check the script.
 
-What it does, in order (each step's numbers go to gpu_bench.json under --out; a short table prints last):
+What it does, in order (gpu_bench.json under --out is rewritten after every step, so a run cut off by its
+time limit still returns what it measured; a short table prints last):
  1. machine: device, SM count, torch / triton versions, git commit, fastmix's Triton CONFIG;
  2. ceilings: device-to-device copy bandwidth (bytes read + written, 2 GiB buffers), the floor of every case;
- 3. correctness of every variant (the Triton backend with each CONFIG point the sweep times, and the CUDA
-    backend if fastmix._C_cuda is built) against the float64 reference on fresh random inputs of small
+ 3. correctness of the default Triton CONFIG against the float64 reference on fresh random inputs of small
     and odd shapes: forward, x gradient and weight gradient, relative error, NaN never passes; outputs are
     poisoned (the caching allocator is filled with NaN first, so an unwritten element shows);
- 4. CUDA-graph capture and replay of the Triton forward and backward ops (no host sync inside);
+ 4. CUDA-graph capture and replay of the forward and backward ops (no host sync inside);
  5. timing (triton.testing.do_bench, median; it flushes L2 between runs) at the issue's shapes:
       fm_image_ch   freq_mix N=512 3x112x112 k=6 fp32, per-image weights, DC dropped, out="channels"
       fm_freq_ch    the same, per-frequency weights (M, k, 64)
@@ -24,16 +24,21 @@ What it does, in order (each step's numbers go to gpu_bench.json under --out; a 
       fe_fp32       frontend N=512 3x112x112, upsample 8, k=4 per-image, 189 channels, fp32 out
       fe_bf16       the same with out_dtype=bfloat16
     forward, backward (x gradient; and x + weight gradient), peak memory (torch.cuda.max_memory_allocated
-    over what the inputs hold), for: the Triton backend (default CONFIG and the sweep), the CUDA backend,
-    the eager reference (fastmix.*_ref), torch.compile of the reference, and the published eager pipeline
-    (benches/baselines.py);
+    over what the inputs hold), for: the Triton backend (default CONFIG), the eager reference
+    (fastmix.*_ref) and the published eager pipeline (benches/baselines.py);
  6. the masking cost inside FR training (issue target 5): one IResNet-50 training step on 189x112x112
     frequency channels, batch 512 (bf16 autocast, SGD with momentum, ArcFace head over 10,572 identities,
     the mixed-label loss), timed on a precomputed masked batch and with fastmix.frontend (x8, k=4) inside
     the step, per GPU backend; the published eager pipeline's forward (timed in 5) as a share of the same step;
- 7. recommendations: the fastest correct Triton CONFIG per kernel and the faster GPU backend per op (for
+ 7. the isolated backends (--isolate, default cuda) in a child process each: steps 3, 4, 5 and 6 for that
+    backend alone. Their kernels have never run before a first GPU session, and a kernel that faults
+    poisons its process's CUDA context: the child's crash is recorded, the parent's numbers stay;
+ 8. torch.compile of the reference (fm_image_ch, fe_fp32);
+ 9. the Triton CONFIG sweep, point by point in priority order: checked as in 3, then timed as in 5;
+10. recommendations: the fastest correct Triton CONFIG per kernel and the faster GPU backend per op (for
     fastmix/_backend.py's GPU_PREFERENCE), printed and stored.
-A time budget (--budget-s) drops the remaining sweep points, never the checks, when the run gets long.
+A time budget (--budget-s, seconds since the start) drops torch.compile and the remaining sweep points, never the
+checks of what is timed, when the run gets long.
 """
 from __future__ import annotations
 
@@ -62,6 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--no-compile-ref", action="store_true", help="skip torch.compile of the references (slow to compile)")
     p.add_argument("--no-sweep", action="store_true", help="time the default CONFIG only")
     p.add_argument("--n", type=int, default=None, help="batch size of the timed cases (default 512)")
+    p.add_argument("--isolate", default="cuda",
+                   help="comma list of backends checked and timed in a child process (default cuda: a kernel that "
+                        "faults poisons the CUDA context, and must not cost the rest of the run)")
+    p.add_argument("--child-timeout-s", type=float, default=150.0, help="wall-clock limit of each child process")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one isolated backend
     return p.parse_args(argv)
 
 
@@ -209,6 +219,8 @@ def variant(backend: str, overrides: dict | None = None):
 
 
 def git_commit():
+    if os.environ.get("FASTMIX_COMMIT"):  # the device machine gets the working tree without .git
+        return os.environ["FASTMIX_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
@@ -337,24 +349,25 @@ def triton_sweep():
         return pts + [("triton:atomic_bwd", {"bwd_x_mode": "atomic"}, ("fm_image",)),
                       ("triton:tf32x3:fused_pf", {"dot_precision_fp32": "tf32x3", "fwd_per_freq": "fused"}, ("fm_freq",)),
                       ("triton:fwd=64x2", {"fwd_blocks": 64, "fwd_warps": 2}, ("fe_fp32",))]
+    # In priority order: the budget cuts the tail (each point compiles its kernels for its checks).
     pts += [
         ("triton:tf32x3", {"dot_precision_fp32": "tf32x3"}, fm),
-        ("triton:fwd_dct=32x8", t("fwd_dct", "ieee", 32, 8), fm),
+        ("triton:fwd=256x8", {"fwd_blocks": 256, "fwd_warps": 8}, fe),
         ("triton:fwd_dct=32x4", t("fwd_dct", "ieee", 32, 4), fm),
+        ("triton:fused_pf", {"fwd_per_freq": "fused"}, ("fm_freq",)),
+        ("triton:atomic_bwd", {"bwd_x_mode": "atomic"}, fm),
+        ("triton:fwd=64x2", {"fwd_blocks": 64, "fwd_warps": 2}, fe),
+        ("triton:adj=256x8", {"bwd_adj_blocks": 256, "bwd_adj_warps": 8}, fe),
+        ("triton:fold=16x128,x=512", {"bwd_fold_rows": 16, "bwd_x_pixels": 512}, fe),
+        ("triton:bwd_dct=32x4", t("bwd_dct", "ieee", 32, 4), fm),
+        ("triton:tf32x3:fused_pf", {"dot_precision_fp32": "tf32x3", "fwd_per_freq": "fused"}, ("fm_freq",)),
+        ("triton:fwd_dct=32x8", t("fwd_dct", "ieee", 32, 8), fm),
         ("triton:fwd_dct=16x4", t("fwd_dct", "ieee", 16, 4), fm),
         ("triton:tf32x3:fwd_dct=64x8", {"dot_precision_fp32": "tf32x3", **t("fwd_dct", "tf32x3", 64, 8)}, fm),
-        ("triton:fused_pf", {"fwd_per_freq": "fused"}, ("fm_freq",)),
-        ("triton:tf32x3:fused_pf", {"dot_precision_fp32": "tf32x3", "fwd_per_freq": "fused"}, ("fm_freq",)),
-        ("triton:atomic_bwd", {"bwd_x_mode": "atomic"}, fm),
         ("triton:bwd_dct=32x8", t("bwd_dct", "ieee", 32, 8), fm),
-        ("triton:bwd_dct=32x4", t("bwd_dct", "ieee", 32, 4), fm),
-        ("triton:fwd=64x2", {"fwd_blocks": 64, "fwd_warps": 2}, fe),
-        ("triton:fwd=256x8", {"fwd_blocks": 256, "fwd_warps": 8}, fe),
         ("triton:fwd=64x4", {"fwd_blocks": 64, "fwd_warps": 4}, fe),
         ("triton:adj=64x2", {"bwd_adj_blocks": 64, "bwd_adj_warps": 2}, fe),
-        ("triton:adj=256x8", {"bwd_adj_blocks": 256, "bwd_adj_warps": 8}, fe),
         ("triton:fold=4x128,x=2048", {"bwd_fold_rows": 4, "bwd_x_pixels": 2048}, fe),
-        ("triton:fold=16x128,x=512", {"bwd_fold_rows": 16, "bwd_x_pixels": 512}, fe),
     ]
     return pts
 
@@ -405,13 +418,27 @@ def copy_bandwidth():
     return 2 * nbytes / (ms * 1e-3)
 
 
+ACTIVE: list | None = None  # the backends this process checks and times (main() sets it)
+
+
 def gpu_backends():
+    """The GPU backends built here, restricted to this process's share (ACTIVE) once main() has set it."""
     names = []
     if "triton" in _backend.available_backends(DEV):
         names.append("triton")
     if DEV.type == "cuda" and "cuda" in _backend.available_backends(DEV):
         names.append("cuda")
-    return names
+    return names if ACTIVE is None else [b for b in names if b in ACTIVE]
+
+
+def save(path=None):
+    """Write what has been measured so far: a run cut off by its time limit still returns its numbers."""
+    path = path or os.path.join(ARGS.out, "gpu_bench.json")
+    RESULTS["wall_s"] = elapsed()
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def check_variant(name, backend, overrides, case_list):
@@ -465,40 +492,45 @@ def check_variant(name, backend, overrides, case_list):
     return all(r["ok"] for r in RESULTS["checks"] if r["variant"] == name)
 
 
-def graph_capture(case):
-    """Capture the Triton forward + backward ops in one CUDA graph, replay, compare with an eager call."""
-    if DEV.type != "cuda" or "triton" not in gpu_backends():
+def graph_capture(case, backend):
+    """Capture one backend's forward + backward ops in one CUDA graph, replay, compare with an eager call
+    (a host sync inside an op, or an allocation the graph cannot own, fails the capture)."""
+    if DEV.type != "cuda" or backend not in gpu_backends():
         return
-    import fastmix.ops._triton.mix  # noqa: F401
+    if backend == "triton":
+        import fastmix.ops._triton.mix  # noqa: F401  (registers the Triton ops)
 
+        fwd_op, bwd_op = torch.ops.fastmix.mix_fwd_triton, torch.ops.fastmix.mix_bwd_triton
+    else:  # the CUDA kernels are the CUDA-key implementations of the dispatcher ops
+        fwd_op, bwd_op = torch.ops.fastmix.mix_fwd, torch.ops.fastmix.mix_bwd
     gen = torch.Generator(device=DEV).manual_seed(7)
     sub = Case(case.name, case.op, 16, 3, case.h, case.w, case.k, case.weights, out=case.out,
                upsample=case.upsample, out_dtype=case.out_dtype, seed=case.seed)
-    rec = {"case": case.name}
+    rec = {"case": case.name, "backend": backend}
     try:
         x, index, wt = sub.inputs(gen)
         args = sub.op_args(x, index, wt)
-        y0 = torch.ops.fastmix.mix_fwd_triton(*args)
+        y0 = fwd_op(*args)
         g = torch.randn(y0.shape, generator=gen, device=DEV).to(y0.dtype)
         bargs = (g,) + args[:4] + args[5:12] + (True, True)
-        gx0, gw0 = torch.ops.fastmix.mix_bwd_triton(*bargs)  # warm: compiles, builds caches
+        gx0, gw0 = bwd_op(*bargs)  # warm: compiles, builds caches
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            torch.ops.fastmix.mix_fwd_triton(*args)
-            torch.ops.fastmix.mix_bwd_triton(*bargs)
+            fwd_op(*args)
+            bwd_op(*bargs)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            y1 = torch.ops.fastmix.mix_fwd_triton(*args)
-            gx1, gw1 = torch.ops.fastmix.mix_bwd_triton(*bargs)
+            y1 = fwd_op(*args)
+            gx1, gw1 = bwd_op(*bargs)
         graph.replay()
         torch.cuda.synchronize()
         rec.update(ok=bool(torch.equal(y0, y1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1)))
     except Exception as exc:
         rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
     RESULTS["graphs"].append(rec)
-    log(f"graph capture {case.name}: {rec}")
+    log(f"graph capture {backend} {case.name}: {rec}")
 
 
 def time_impl(case, impl, f, x, wt, need_bwd=True):
@@ -530,7 +562,8 @@ def time_impl(case, impl, f, x, wt, need_bwd=True):
 
 
 def time_baselines(case, B):
-    """Pass 1 (always runs): the default Triton CONFIG, the op alone, the CUDA backend and the baselines."""
+    """Pass 1 (always runs): this process's backends (the default Triton CONFIG, the op alone; the CUDA
+    backend where it is not isolated) and the eager baselines."""
     gen = torch.Generator(device=DEV).manual_seed(100)
     x, index, wt = case.inputs(gen, requires_grad=True)
     m = index.shape[0]
@@ -553,15 +586,44 @@ def time_baselines(case, B):
         sign = case.sign(m)
         time_impl(case, "published", lambda a, b: case.published(B, a, index, b, sign), x, wt, need_bwd=not big_ref)
         del sign
-    # torch.compile of the reference: the two headline cases only (each compile costs tens of seconds)
-    if (not ARGS.no_compile_ref and not ARGS.dry_run and case.name in ("fm_image_ch", "fe_fp32")
-            and elapsed() < ARGS.budget_s):
-        try:
-            torch._dynamo.reset()
-            cref = torch.compile(case.ref)
-            time_impl(case, "compiled_ref", lambda a, b: cref(a, index, b), x, wt, need_bwd=False)
-        except Exception as exc:
-            RESULTS["errors"].append(f"torch.compile of the reference on {case.name}: {exc!r}"[:300])
+
+
+def time_compiled_ref(case):
+    """torch.compile of the reference (the two headline cases only: each compile costs tens of seconds)."""
+    if ARGS.no_compile_ref or ARGS.dry_run or case.name not in ("fm_image_ch", "fe_fp32"):
+        return
+    if elapsed() > ARGS.budget_s:
+        RESULTS["errors"].append(f"budget: skipped compiled_ref on {case.name}")
+        return
+    gen = torch.Generator(device=DEV).manual_seed(100)
+    x, index, wt = case.inputs(gen, requires_grad=True)
+    try:
+        torch._dynamo.reset()
+        cref = torch.compile(case.ref)
+        time_impl(case, "compiled_ref", lambda a, b: cref(a, index, b), x, wt, need_bwd=False)
+    except Exception as exc:
+        RESULTS["errors"].append(f"torch.compile of the reference on {case.name}: {exc!r}"[:300])
+
+
+def time_backend(case, backend):
+    """The public op on one backend (the isolated child's timing)."""
+    gen = torch.Generator(device=DEV).manual_seed(100)
+    x, index, wt = case.inputs(gen, requires_grad=True)
+    with variant(backend):
+        time_impl(case, backend, lambda a, b: case.run(a, index, b), x, wt)
+
+
+def fr_step_with_fallback(n, backends):
+    """fr_step_cost at batch n; if every record ran out of memory, again at n / 2 (the share is a ratio
+    of two times that both scale with the batch; the record says which batch it was)."""
+    before = len(RESULTS["fr_step"])
+    fr_step_cost(n, backends)
+    new = RESULTS["fr_step"][before:]
+    if new and all("out of memory" in r.get("error", "") for r in new) and n >= 128:
+        log(f"fr_step: out of memory at batch {n}; again at {n // 2}")
+        if DEV.type == "cuda":
+            torch.cuda.empty_cache()
+        fr_step_cost(n // 2, backends)
 
 
 def fr_step_cost(n, backends):
@@ -624,18 +686,85 @@ def fr_step_cost(n, backends):
         torch.cuda.empty_cache()
 
 
-def time_sweep(case, sweep, failed):
-    """Pass 2 (while the budget lasts): the Triton CONFIG sweep points that passed their checks."""
-    gen = torch.Generator(device=DEV).manual_seed(100)
-    x, index, wt = case.inputs(gen, requires_grad=True)
+def time_sweep(case_list, sweep, failed):
+    """Pass 2 (while the budget lasts): each Triton CONFIG sweep point, in the order listed, is checked on
+    small and odd shapes and, if correct, timed on the cases it applies to."""
+    inputs = {}
     for name, overrides, prefixes in sweep[1:]:
-        if not applies(prefixes, case) or name in failed:
+        todo = [c for c in case_list if applies(prefixes, c)]
+        if not todo:
             continue
         if elapsed() > ARGS.budget_s:
-            RESULTS["errors"].append(f"budget: skipped {name} on {case.name}")
+            RESULTS["errors"].append(f"budget: skipped sweep point {name}")
             continue
-        with variant("triton", overrides):
-            time_impl(case, name, lambda a, b: case.run(a, index, b), x, wt)
+        if not check_variant(name, "triton", overrides, todo):
+            failed.add(name)
+            continue
+        for case in todo:
+            if case.name not in inputs:
+                gen = torch.Generator(device=DEV).manual_seed(100)
+                inputs[case.name] = case.inputs(gen, requires_grad=True)
+            x, index, wt = inputs[case.name]
+            with variant("triton", overrides):
+                time_impl(case, name, lambda a, b, case=case, index=index: case.run(a, index, b), x, wt)
+        save()
+
+
+def run_child(backend, n):
+    """Check and time one backend in a child process (see --isolate); merge what it measured."""
+    child_json = os.path.join(ARGS.out, f"child_{backend}.json")
+    if os.path.exists(child_json):
+        os.remove(child_json)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, "--out", ARGS.out, "--n", str(n),
+           "--budget-s", str(ARGS.budget_s)] + (["--dry-run"] if ARGS.dry_run else [])
+    log(f"child process for the {backend} backend: {' '.join(cmd[1:])}")
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        proc = subprocess.run(cmd, timeout=ARGS.child_timeout_s)
+        status = f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        status = f"killed after {ARGS.child_timeout_s:.0f} s"
+    if not os.path.exists(child_json):
+        RESULTS["errors"].append(f"child {backend}: {status}, no results")
+        RESULTS["checks"].append({"variant": backend, "case": "-", "ok": False, "error": f"child {status}"})
+        return
+    with open(child_json) as f:
+        got = json.load(f)
+    for key in ("checks", "graphs", "timings", "fr_step", "errors"):
+        RESULTS[key].extend(got.get(key, []))
+    if status != "exit code 0":
+        RESULTS["errors"].append(f"child {backend}: {status} (its partial results are merged)")
+    log(f"child {backend}: {status}")
+
+
+def child_main(backend, n, case_list):
+    """--child: check one backend; if correct, capture it in a CUDA graph and time it on every case and in
+    the FR step. Results go to child_<backend>.json after every step."""
+    path = os.path.join(ARGS.out, f"child_{backend}.json")
+    ok = check_variant(backend, backend, None, case_list)
+    save(path)
+    if not ok:
+        log(f"child: {backend} failed its checks; not timed")
+        return 1
+    for cs in (case_list[0], case_list[4]):
+        graph_capture(cs, backend)
+    save(path)
+    for cs in case_list:
+        log(f"timing {cs.name} ({backend})")
+        try:
+            time_backend(cs, backend)
+        except Exception as exc:
+            RESULTS["errors"].append(f"{cs.name} ({backend}): {exc!r}"[:500])
+            traceback.print_exc()
+        save(path)
+    try:
+        fr_step_with_fallback(n, [backend])
+    except Exception as exc:
+        RESULTS["errors"].append(f"fr_step ({backend}): {exc!r}"[:500])
+        traceback.print_exc()
+    save(path)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -728,6 +857,7 @@ def print_table(rows, bw, info):
 
 
 def main():
+    global ACTIVE
     if not ARGS.dry_run and not torch.cuda.is_available():
         print("gpu_bench: no CUDA device (use --dry-run on a machine without a GPU)")
         return 2
@@ -735,6 +865,19 @@ def main():
     if ARGS.dry_run:
         ARGS.budget_s = min(ARGS.budget_s, 240.0)
     os.makedirs(ARGS.out, exist_ok=True)
+    case_list = cases(n)
+    if ARGS.dry_run:  # tiny shapes through the interpreter
+        for cs in case_list:
+            cs.h, cs.w = (8, 16) if cs.op == "freq_mix" else (2, 3)
+            cs.k = min(cs.k, n)
+    if ARGS.child:
+        ACTIVE = [ARGS.child]
+        if ARGS.child not in gpu_backends():
+            RESULTS["errors"].append(f"child: backend {ARGS.child} not available")
+            save(os.path.join(ARGS.out, f"child_{ARGS.child}.json"))
+            return 2
+        return child_main(ARGS.child, n, case_list)
+
     info = machine_info()
     RESULTS["machine"] = info
     log(f"machine: {json.dumps({k: v for k, v in info.items() if k != 'triton_config'})}")
@@ -742,63 +885,75 @@ def main():
     if not backends:
         print("gpu_bench: no GPU backend available (pip install triton, or build the CUDA extension)")
         return 2
+    isolated = [b for b in backends if b in ARGS.isolate.split(",")]
+    ACTIVE = [b for b in backends if b not in isolated]
+    RESULTS["backends"] = {"here": ACTIVE, "isolated": isolated}
     bw = copy_bandwidth()
     RESULTS["copy_bandwidth_Bps"] = bw
     log(f"copy bandwidth {bw / 1e12:.3f} TB/s (read + write)")
+    save()
 
-    case_list = cases(n)
-    if ARGS.dry_run:  # tiny shapes through the interpreter
-        for cs in case_list:
-            cs.h, cs.w = (8, 16) if cs.op == "freq_mix" else (2, 3)
-            cs.k = min(cs.k, n)
     sweep = triton_sweep() if "triton" in backends else []
-
-    # correctness of every variant first: a variant that fails is reported and never timed
     failed = set()
-    for name, overrides, prefixes in sweep:
-        if not check_variant(name, "triton", overrides, [c for c in case_list if applies(prefixes, c)]):
-            failed.add(name)
-    if "cuda" in backends:
-        if not check_variant("cuda", "cuda", None, case_list):
-            failed.add("cuda")
+    # correctness first: a variant that fails is reported and never timed (sweep points: checked in pass 2)
+    if "triton" in ACTIVE:
+        if not check_variant(sweep[0][0], "triton", sweep[0][1], case_list):
+            failed.add(sweep[0][0])
+    if "cuda" in ACTIVE and not check_variant("cuda", "cuda", None, case_list):
+        failed.add("cuda")
     log(f"checks: {sum(r['ok'] for r in RESULTS['checks'])}/{len(RESULTS['checks'])} passed; failed variants: {sorted(failed)}")
-
-    for cs in (case_list[0], case_list[4]):
-        graph_capture(cs)
+    for be in ACTIVE:
+        for cs in (case_list[0], case_list[4]):
+            graph_capture(cs, be)
+    save()
 
     B = load_baselines()
-    for step, fn in (("baselines", lambda cs: time_baselines(cs, B)), ("sweep", lambda cs: time_sweep(cs, sweep, failed))):
-        if step == "sweep":  # before the sweep: the FR-step share is a target, the sweep is optional
-            log("timing the frontend inside an IResNet-50 step")
-            try:
-                fr_step_cost(n, [b for b in backends if b not in failed])
-            except Exception as exc:
-                RESULTS["errors"].append(f"fr_step: {exc!r}"[:500])
-                traceback.print_exc()
-        for cs in case_list:
-            log(f"timing {cs.name} ({step})")
-            try:
-                fn(cs)
-            except Exception as exc:
-                RESULTS["errors"].append(f"{cs.name} ({step}): {exc!r}"[:500])
-                traceback.print_exc()
-            if DEV.type == "cuda":
-                torch.cuda.empty_cache()
+    for cs in case_list:
+        log(f"timing {cs.name} (backends here and baselines)")
+        try:
+            time_baselines(cs, B)
+        except Exception as exc:
+            RESULTS["errors"].append(f"{cs.name} (baselines): {exc!r}"[:500])
+            traceback.print_exc()
+        if DEV.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
+    log("timing the frontend inside an IResNet-50 step")
+    try:  # before the sweep: the FR-step share is a target, the sweep is optional
+        fr_step_with_fallback(n, [b for b in ACTIVE if b not in failed])
+    except Exception as exc:
+        RESULTS["errors"].append(f"fr_step: {exc!r}"[:500])
+        traceback.print_exc()
+    save()
+    for be in isolated:
+        run_child(be, n)
+        if any(c["variant"] == be and not c["ok"] for c in RESULTS["checks"]):
+            failed.add(be)
+        save()
+    for cs in case_list:
+        time_compiled_ref(cs)
+    save()
+    if sweep:
+        log("sweep of the Triton CONFIG")
+        try:
+            time_sweep(case_list, sweep, failed)
+        except Exception as exc:
+            RESULTS["errors"].append(f"sweep: {exc!r}"[:500])
+            traceback.print_exc()
 
     rows, best, pref = summarize(case_list, bw)
     tg = targets(rows)
     RESULTS.update(summary=rows, best_triton_variant=best, gpu_preference=pref, failed_variants=sorted(failed),
-                   targets=tg, wall_s=elapsed())
-    path = os.path.join(ARGS.out, "gpu_bench.json")
-    with open(path, "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
-    log(f"wrote {path}")
+                   targets=tg)
+    save()
+    log(f"wrote {os.path.join(ARGS.out, 'gpu_bench.json')}")
     if RESULTS["errors"]:
         print("errors / skips:", *RESULTS["errors"][:20], sep="\n  ")
     print("fastest correct Triton variant per case:", json.dumps(best))
     print("GPU_PREFERENCE suggestion (fastmix/_backend.py):", json.dumps(pref) if pref else "(only one GPU backend)")
     print("checks:", f"{sum(r['ok'] for r in RESULTS['checks'])}/{len(RESULTS['checks'])} passed;",
-          "graph capture:", [(g["case"], g["ok"]) for g in RESULTS["graphs"]], "; failed variants:", sorted(failed))
+          "graph capture:", [(g.get("backend"), g["case"], g["ok"]) for g in RESULTS["graphs"]], "; failed variants:",
+          sorted(failed))
     print("targets (default Triton CONFIG):", json.dumps(tg))
     for r in RESULTS["fr_step"]:
         if "error" in r:
