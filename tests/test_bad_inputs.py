@@ -308,3 +308,26 @@ def test_import_without_the_extension():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "(1, 192, 1, 1)"
+
+
+def test_index_checks_switch():
+    """set_index_checks turns off only the check of accelerator-resident indices (a host sync there): CPU
+    indices are still checked, and the switch takes a bool and returns the previous setting."""
+    from fastmix.ops._common import wants_index_check
+
+    x = torch.randn(2, 1, 8, 8)
+    bad = torch.tensor([[0, 2]])
+    meta = torch.empty(3, 2, dtype=torch.int64, device="meta")  # stands in for a GPU tensor
+    assert wants_index_check(meta)
+    prev = fastmix.set_index_checks(False)
+    try:
+        assert prev is True
+        assert not wants_index_check(meta)
+        assert wants_index_check(bad)
+        with pytest.raises(IndexError, match="index values must be in"):
+            fastmix.freq_mix(x, bad, torch.ones(1, 2))
+        with pytest.raises(TypeError, match="enabled must be a bool"):
+            fastmix.set_index_checks(0)
+    finally:
+        fastmix.set_index_checks(prev)
+    assert wants_index_check(meta)

@@ -18,7 +18,14 @@ import torch
 
 from .. import _backend
 from .._compile import constant_result
-from ._common import check_float_tensor, check_multiple, check_same_device, compute_dtype, zeros_result
+from ._common import (
+    check_float_tensor,
+    check_multiple,
+    check_same_device,
+    compute_dtype,
+    wants_index_check,
+    zeros_result,
+)
 from .dct import block_dct_ref, block_idct_ref, dct_matrix, from_channels, to_channels
 from .sign import MAX_BLOCKS, check_seed, sign_ref
 
@@ -107,9 +114,10 @@ def check_index(index, n: int, m_name: str = "index") -> torch.Tensor:
     if index.shape[1] == 0:
         raise ValueError(f"{m_name} must list k >= 1 partners per output, got k = 0")
     index = index.to(torch.int64)
-    # A data-dependent check: it syncs a GPU stream and cannot run inside a compiled graph, where the
-    # C++ kernels still check the range themselves.
-    if index.numel() and not _is_compiling():
+    # A data-dependent check: on a GPU it syncs the stream (fastmix.set_index_checks turns it off there),
+    # and it cannot run inside a compiled graph or a CUDA-graph capture, where the C++ kernels still
+    # check the range themselves.
+    if index.numel() and not _is_compiling() and wants_index_check(index):
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= n:
             raise IndexError(f"{m_name} values must be in [0, {n}) (N = x.shape[0]), got values in [{lo}, {hi}]")

@@ -62,9 +62,20 @@ def color_transform(v: torch.Tensor, color: str) -> torch.Tensor:
     """[0, 255] images -> level-shifted YCbCr (or level-shifted channels as they are, for color='none')."""
     if color == "none":
         return v - 128.0
-    m = YCBCR.to(dtype=v.dtype, device=v.device)
-    shift = YCBCR_SHIFT.to(dtype=v.dtype, device=v.device)
+    m, shift = ycbcr_constants(v.dtype, v.device)
     return torch.einsum("dc,nchw->ndhw", m, v) + shift.view(1, 3, 1, 1)
+
+
+@constant_result
+def ycbcr_constants(dtype: torch.dtype, device: torch.device):
+    """(M, shift) of color_transform on ``device``, cached: a host-to-device copy per call would be a
+    host sync (PyTorch waits for a blocking copy from pageable memory), two per frontend call."""
+    return _ycbcr_constants(dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _ycbcr_constants(dtype, device):
+    return YCBCR.to(dtype=dtype, device=device), YCBCR_SHIFT.to(dtype=dtype, device=device)
 
 
 def inverse_color_transform(y: torch.Tensor, color: str) -> torch.Tensor:

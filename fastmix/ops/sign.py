@@ -83,13 +83,22 @@ def check_seed(seed) -> int | None:
 
 
 def sign_ref(seed: int, m: int, channels: int, hb: int, wb: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The signs for output rows 0..m-1 as a (m, channels, hb, wb) tensor of +-1 (reference; materialised)."""
+    """The signs for output rows 0..m-1 as a (m, channels, hb, wb) tensor of +-1 (reference; materialised).
+
+    Hashed a few rows at a time: the int64 intermediates are 8x the output's float32 bytes and several
+    are alive at once (at the frontend's 512 x 192 x 112 x 112 that would be about 40 GB at once)."""
     key = seed_key(seed)
     dev = torch.device("cpu") if device is None else torch.device(device)
-    mm = torch.arange(m, dtype=torch.int64, device=dev).view(m, 1, 1, 1)
+    out = torch.empty((m, channels, hb, wb), dtype=dtype, device=dev)
     ch = torch.arange(channels, dtype=torch.int64, device=dev).view(1, channels, 1, 1)
     ii = torch.arange(hb, dtype=torch.int64, device=dev).view(1, 1, hb, 1)
     jj = torch.arange(wb, dtype=torch.int64, device=dev).view(1, 1, 1, wb)
-    plane = mix32_tensor(mix32_tensor(key ^ mm) ^ ch)
-    h = mix32_tensor(plane ^ ((ii << 16) | jj))
-    return (1 - 2 * (h >> 31)).to(dtype)
+    pos = (ii << 16) | jj
+    rows = max(1, (1 << 24) // max(1, channels * hb * wb))  # about 16 M elements per chunk
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        mm = torch.arange(r0, r1, dtype=torch.int64, device=dev).view(r1 - r0, 1, 1, 1)
+        plane = mix32_tensor(mix32_tensor(key ^ mm) ^ ch)
+        h = mix32_tensor(plane ^ pos)
+        out[r0:r1] = (1 - 2 * (h >> 31)).to(dtype)
+    return out

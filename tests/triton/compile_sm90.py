@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 PTR_TYPES = {
     "idx_ptr": "*i64", "order_ptr": "*i64", "offs_ptr": "*i64", "rs_ptr": "*i64", "cs_ptr": "*i64",
     "pos_ptr": "*i32", "ilo_ptr": "*i32", "ihi_ptr": "*i32", "jlo_ptr": "*i32", "jhi_ptr": "*i32",
-    "span_ptr": "*i32", "ru_ptr": "*i8", "cu_ptr": "*i8",
+    "span_ptr": "*i32", "ru_ptr": "*i8", "cu_ptr": "*i8", "plane_ptr": "*i32",
 }
 # Integer arguments that are multiples of 16 at the shapes (112 x 112 faces, 14 x 14 or 112 x 112 blocks).
 DIV16 = {"HW", "W", "H", "HbWb"}
@@ -78,11 +78,13 @@ def variants(quick: bool):
     bl, nw = CONFIG["fwd_blocks"], CONFIG["fwd_warps"]
     for per_image in (True, False):
         for odt in ("*fp32", "*bf16"):
-            v.append((f"fwd (resampling) R=3 per_image={per_image} out={odt}", tmix._mix_fwd_kernel,
-                      dict(RA=3, RB=3, PER_IMAGE=per_image, USE_SEED=True, BL=bl), {"out_ptr": odt}, nw))
+            for ks, planes in (((4, True), (0, False)) if per_image else ((0, True),)):
+                v.append((f"fwd (resampling) R=3 per_image={per_image} out={odt} KS={ks} PLANES={planes}",
+                          tmix._mix_fwd_kernel, dict(RA=3, RB=3, PER_IMAGE=per_image, USE_SEED=True, KS=ks,
+                                                     PLANES=planes, BL=bl), {"out_ptr": odt}, nw))
     if not quick:
-        v.append(("fwd (resampling) R=5", tmix._mix_fwd_kernel,
-                  dict(RA=5, RB=5, PER_IMAGE=True, USE_SEED=True, BL=bl), {}, nw))
+        v.append(("fwd (resampling) R=5 KS=6", tmix._mix_fwd_kernel,
+                  dict(RA=5, RB=5, PER_IMAGE=True, USE_SEED=True, KS=6, PLANES=True, BL=bl), {}, nw))
     bl, nw = tile_config("bwd_dct", "ieee")
     for per_image in (True, False):
         for need_w in (False, True):

@@ -181,13 +181,16 @@ def test_freq_mix_odd_shapes(c, k):
     assert rel_err(y, fastmix.freq_mix_ref(x.double(), index, wt.double(), seed=5)) < RTOL[torch.float32]
 
 
-@pytest.mark.parametrize("mode", ["atomic", "fused"])
+@pytest.mark.parametrize("mode", ["atomic", "fused", "resampling"])
 def test_freq_mix_alternative_paths(config, mode):
-    """The non-default variants the GPU benchmark times: atomic x gradient, fused per-frequency forward."""
+    """The non-default variants the GPU benchmark times: atomic x gradient, fused per-frequency forward,
+    per-image forward on the resampling kernel."""
     if mode == "atomic":
         config["bwd_x_mode"] = "atomic"
-    else:
+    elif mode == "fused":
         config["fwd_per_freq"] = "fused"
+    else:
+        config["fwd_dct_route"] = "resampling"
     g = _gen(12)
     x = torch.randn(3, 2, 8, 16, generator=g)
     index = torch.randint(0, 3, (4, 3), generator=g)
@@ -307,6 +310,33 @@ def test_frontend_forward_and_gradients(up, hw, c, color, wkind, seed):
     assert rel_err(y, yr) < RTOL[torch.float32]
     assert rel_err(gx, gxr) < RTOL[torch.float32]
     assert rel_err(gw, gwr) < RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("static_k,table", [(False, False), (True, False), (False, True)],
+                         ids=["loop-hash", "unrolled-hash", "loop-table"])
+def test_frontend_forward_alternative_paths(config, static_k, table):
+    """The resampling forward's partner loop (unrolled per k or a run-time loop) and sign source (a plane
+    table or hashing in the kernel) are switches the GPU benchmark times: every combination is exact."""
+    config["fwd_static_k"], config["fwd_sign_table"] = static_k, table
+    g = _gen(23)
+    x = torch.rand(3, 3, 3, 2, generator=g) * 2 - 1
+    index = torch.randint(0, 3, (4, 3), generator=g)
+    wt = _weights("image", 4, 3, 3, g)
+    keep = [i for i in range(192) if i % 64 != 0]
+    y = fastmix.frontend(x, upsample=8, keep=keep, index=index, weight=wt, seed=7)
+    yr = fastmix.frontend_ref(x.double(), upsample=8, keep=keep, index=index, weight=wt.double(), seed=7)
+    assert rel_err(y, yr) < RTOL[torch.float32]
+
+
+def test_sign_planes_match_the_spec():
+    from fastmix.ops._triton.sign import kernel_key, sign_planes
+    from fastmix.ops.sign import mix32_tensor, seed_key
+
+    seed, m, ch = 2**40 + 3, 5, 192
+    got = sign_planes(kernel_key(seed), m, ch, "cpu").to(torch.int64) & 0xFFFFFFFF
+    mm = torch.arange(m).view(m, 1)
+    want = mix32_tensor(mix32_tensor(seed_key(seed) ^ mm) ^ torch.arange(ch).view(1, ch))
+    assert torch.equal(got, want)
 
 
 def test_frontend_nan_reaches_exactly_the_blocks_it_touches():

@@ -33,6 +33,10 @@ CONFIG: dict = {
     # (one extra pass over x, no tl.dot in the mix) or "fused" transforms every partner tile of every output
     # (k tl.dot per tile, fewer bytes: pays only where the dot is cheap, e.g. with "tf32x3").
     "fwd_per_freq": "precompute",
+    # freq_mix with per-image weights and channels output: "dot" (a [BL, 64] tile of pixels per program,
+    # the 2-D DCT as one tl.dot with kron(D, D)) or "resampling" (the frontend's kernel with A_I = B_J = D:
+    # one 8x8 block per thread, separable FMAs in registers, partners unrolled; 255 registers on sm_90).
+    "fwd_dct_route": "dot",
     # (blocks per program, warps per program) of the kernels built on tl.dot, per dot precision. Chosen
     # from the sm_90 compile reports (tests/triton/compile_sm90.py): the largest tile that compiles without
     # register spills. Triton's fp32 "ieee" dot keeps whole operand rows in registers, so it wants 8 warps
@@ -49,6 +53,13 @@ CONFIG: dict = {
     # and sign stays in that thread's registers and the compiled code has one layout conversion (the
     # store) instead of 13 (sm_90 compile report, 64 blocks x 4 warps: two threads and four warps shared
     # the u axis of each block, and every reduction over u went through shared memory).
+    # Resampling forward (the frontend): unroll the per-image partner loop for k <= 8 (one compiled
+    # variant per k; hoisted weights and partner bases, independent pixel loads), and read the 64 sign
+    # hash words of each (m, channel) from a table made by one small kernel instead of hashing them in
+    # every thread. Both were chosen from the sm_90 SASS (fewer instructions per block; the first GPU run
+    # measured the run-time loop version at 3.7 ms for N = 512, x8, k = 4); gpu_bench times both ways.
+    "fwd_static_k": True,
+    "fwd_sign_table": True,
     "fwd_blocks": 128,
     "fwd_warps": 4,
     "bwd_adj_blocks": 128,

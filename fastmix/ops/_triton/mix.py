@@ -70,7 +70,7 @@ import triton.language as tl
 from . import CONFIG, dot_precision, interpreter_compat, tile_config
 from .dct import _cast_out, _kron8, _tile_coords, block_dct_forward, check_plane, rne_bf16
 from ..freq_mix import mix_autograd, mix_fwd_fake
-from .sign import _apply_sign, _plane_hash, kernel_key
+from .sign import _apply_sign, _plane_hash, kernel_key, sign_planes
 
 BLOCK = 8
 FREQS = 64
@@ -366,20 +366,69 @@ def _patch_transform(src_ptr, porg, W, lmask, arow, brow, a_ptr, b_ptr, ru_ptr, 
 
 
 @triton.jit
+def _mixed_patch_transform(x_ptr, idx_ptr, w_ptr, m, c, N, C, HW, W, porg, lmask, arow, brow, a_ptr, b_ptr,
+                           ru_ptr, cu_ptr, bi, bj, RA: tl.constexpr, RB: tl.constexpr, KS: tl.constexpr,
+                           BL: tl.constexpr):
+    """A_I @ (sum_t w_t P_t) @ B_J^T for per-image weights and a static partner count KS: [BL, 8, 8].
+
+    Everything that does not depend on the patch pixel is read once: the KS weights, partner bases and
+    liveness (uniform scalars and one [BL, 1, 1] offset each), the used-pixel masks and the B_J rows. The
+    RA * RB * KS pixel loads are then independent of each other (no load -> address -> load chains as in a
+    run-time partner loop), so they are all in flight together.
+    """
+    ws = ()
+    bases = ()
+    lives = ()
+    for t in tl.static_range(KS):
+        wt = tl.load(w_ptr + m * KS + t)
+        n = tl.load(idx_ptr + m * KS + t)
+        lives = lives + (_nonzero(wt) & (n >= 0) & (n < N),)
+        ws = ws + (wt,)
+        bases = bases + (x_ptr + (n * C + c) * HW + porg,)
+    ua = ()
+    for a in tl.static_range(RA):
+        ua = ua + (tl.load(ru_ptr + bi * RA + a, mask=lmask, other=0) != 0,)
+    ubs = ()
+    bbs = ()
+    for b in tl.static_range(RB):
+        ubs = ubs + (tl.load(cu_ptr + bj * RB + b, mask=lmask, other=0) != 0,)
+        bbs = bbs + (tl.load(b_ptr + brow * RB + b, mask=lmask, other=0.0),)  # [BL, 1, 8] B[J, v, b]
+    acc = tl.zeros([BL, 8, 8], dtype=tl.float32)
+    for a in tl.static_range(RA):
+        ta = tl.zeros([BL, 1, 8], dtype=tl.float32)
+        for b in tl.static_range(RB):
+            used = lmask & ua[a] & ubs[b]
+            p = tl.zeros([BL, 1, 1], dtype=tl.float32)
+            for t in tl.static_range(KS):
+                v = tl.load(bases[t] + (a * W + b), mask=_masked_if(used, lives[t]), other=0.0)
+                p += ws[t] * v.to(tl.float32)
+            ta += p * bbs[b]
+        aa = tl.load(a_ptr + arow * RA + a, mask=lmask, other=0.0)  # [BL, 8, 1] A[I, u, a]
+        acc += aa * ta
+    return acc
+
+
+@triton.jit
 def _mix_fwd_kernel(
-    x_ptr, idx_ptr, w_ptr, pos_ptr, a_ptr, rs_ptr, b_ptr, cs_ptr, ru_ptr, cu_ptr, out_ptr,
+    x_ptr, idx_ptr, w_ptr, pos_ptr, a_ptr, rs_ptr, b_ptr, cs_ptr, ru_ptr, cu_ptr, plane_ptr, out_ptr,
     N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key,
     RA: tl.constexpr, RB: tl.constexpr, PER_IMAGE: tl.constexpr, USE_SEED: tl.constexpr,
-    RNE_BF16: tl.constexpr, BL: tl.constexpr,
+    KS: tl.constexpr, PLANES: tl.constexpr, RNE_BF16: tl.constexpr, BL: tl.constexpr,
 ):
     # One program: output m, colour c, BL blocks (consecutive along the (Hb, Wb) plane, so each channel's
-    # store is a contiguous run of BL values).
+    # store is a contiguous run of BL values). KS > 0: per-image weights with K == KS partners, unrolled
+    # (_mixed_patch_transform); KS == 0: a run-time loop over the K partners. PLANES: the 64 per-(m, channel)
+    # hash words of this program are read from plane_ptr (sign_planes) instead of being hashed again by
+    # every thread (each thread holds all 64 coefficients of its block, so each would hash all 64).
     tile, c, m = _program_tile(n_tiles, C)
     L, lmask, bi, bj, porg, arow, brow = _block_coords(tile, Wb, HbWb, rs_ptr, cs_ptr, W, BL)
     k8 = tl.arange(0, 8)
     f3 = k8[None, :, None] * 8 + k8[None, None, :]  # [1, 8, 8] coefficient id u*8 + v
-    acc = tl.zeros([BL, 8, 8], dtype=tl.float32)
-    if PER_IMAGE:
+    if PER_IMAGE and KS > 0:
+        acc = _mixed_patch_transform(x_ptr, idx_ptr, w_ptr, m, c, N, C, HW, W, porg, lmask, arow, brow, a_ptr,
+                                     b_ptr, ru_ptr, cu_ptr, bi, bj, RA, RB, KS, BL)
+    elif PER_IMAGE:
+        acc = tl.zeros([BL, 8, 8], dtype=tl.float32)
         # Mix the k patches first (per pixel of the patch), transform once.
         for a in tl.static_range(RA):
             ta = tl.zeros([BL, 1, 8], dtype=tl.float32)
@@ -397,6 +446,7 @@ def _mix_fwd_kernel(
             aa = tl.load(a_ptr + arow * RA + a, mask=lmask, other=0.0)
             acc += aa * ta
     else:
+        acc = tl.zeros([BL, 8, 8], dtype=tl.float32)
         cw = tl.where(CW == 1, 0, c)
         for t in range(K):
             w3 = tl.load(w_ptr + ((m * K + t) * CW + cw) * 64 + f3)  # [1, 8, 8]
@@ -407,7 +457,11 @@ def _mix_fwd_kernel(
             acc += tl.where(w3 != 0, w3 * ct, 0.0)
     slot3 = tl.load(pos_ptr + c * 64 + f3)  # [1, 8, 8]
     if USE_SEED:
-        acc = _apply_sign(acc, _plane_hash(key, m, c * 64 + f3), bi, bj)
+        if PLANES:
+            plane = tl.load(plane_ptr + m * (C * 64) + c * 64 + f3).to(tl.uint32, bitcast=True)
+        else:
+            plane = _plane_hash(key, m, c * 64 + f3)
+        acc = _apply_sign(acc, plane, bi, bj)
     optr = out_ptr + (m * n_kept + slot3) * HbWb + L
     tl.store(optr, _cast_out(acc, out_ptr, RNE_BF16), mask=lmask & (slot3 >= 0))
 
@@ -595,6 +649,9 @@ def _used_pixels(mat: torch.Tensor) -> torch.Tensor:
     return (mat != 0).any(dim=1).to(torch.int8).reshape(-1).contiguous()
 
 
+MAX_STATIC_K = 8  # partner counts up to this are unrolled in the resampling forward (fwd_static_k)
+
+
 def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start,
                 out_dtype=None):
     """Launch the forward kernel of the geometry. Arguments as fastmix::mix_fwd (csrc/fastmix.cpp)."""
@@ -616,7 +673,10 @@ def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, 
     posc = pos.to(torch.int32).contiguous()
     key = kernel_key(seed) if use_seed else 0
     xc = x.contiguous()
-    if dct:
+    # freq_mix with per-image weights and a channels output can also run on the resampling kernel (its
+    # geometry is then A_I = B_J = D, R = 8): one block per thread, the transform as FMAs in registers.
+    route_dot = not (CONFIG["fwd_dct_route"] == "resampling" and per_image and not pixels)
+    if dct and route_dot:
         prec = dot_precision(x.dtype)
         coef_in = (not per_image) and CONFIG["fwd_per_freq"] == "precompute"
         fused_pf = not per_image and not coef_in
@@ -635,11 +695,15 @@ def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, 
         bl = CONFIG["fwd_blocks"]
         n_tiles = triton.cdiv(hb * wb, bl)
         ru, cu = _used_pixels(row_mat), _used_pixels(col_mat)
+        # One compiled variant per partner count (k is 1 without mixing, 2..6 for the hybrid mask).
+        ks = k if per_image and CONFIG["fwd_static_k"] and k <= MAX_STATIC_K else 0
+        planes = bool(use_seed) and CONFIG["fwd_sign_table"]
+        plane_t = sign_planes(key, m, c * 64, x.device) if planes else posc  # posc: an unread placeholder
         _mix_fwd_kernel[(m * c * n_tiles,)](
             xc, idx, w32, posc, _f32(row_mat), row_start.contiguous(), _f32(col_mat), col_start.contiguous(), ru, cu,
-            out, n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key,
+            plane_t, out, n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key,
             RA=row_mat.shape[2], RB=col_mat.shape[2], PER_IMAGE=per_image, USE_SEED=bool(use_seed),
-            RNE_BF16=rne_bf16(), BL=bl, num_warps=CONFIG["fwd_warps"],
+            KS=ks, PLANES=planes, RNE_BF16=rne_bf16(), BL=bl, num_warps=CONFIG["fwd_warps"],
         )
     return out
 

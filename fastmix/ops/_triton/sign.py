@@ -9,6 +9,7 @@ integer work as the GPU's store bandwidth allows time for, hence the two shortcu
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -62,3 +63,25 @@ def _apply_sign(val, plane, i, j):
     h *= 0x846CA68B
     bits = val.to(tl.uint32, bitcast=True) ^ ((h >> 31) << 31)  # the compiler folds this to a mask
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sign_planes_kernel(out_ptr, key, total, CH, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    plane = _plane_hash(key, offs // CH, offs % CH)
+    tl.store(out_ptr + offs, plane.to(tl.int32, bitcast=True), mask=offs < total)
+
+
+def sign_planes(key: int, m: int, channels: int, device) -> torch.Tensor:
+    """(m, channels) int32: the hash word plane(seed, m, ch) of every output row and channel (bit pattern
+    of the uint32), for kernels whose threads each need all 64 words of a channel block.
+
+    One small launch (m * channels words: 0.4 MB at m = 512, 192 channels) on the current stream; no host
+    sync, so the forward stays CUDA-graph capturable.
+    """
+    out = torch.empty((m, channels), dtype=torch.int32, device=device)
+    total = m * channels
+    if total:
+        block = 1024
+        _sign_planes_kernel[(triton.cdiv(total, block),)](out, key, total, channels, BLOCK=block)
+    return out
