@@ -115,9 +115,11 @@ def choose(device: torch.device, op: str) -> str:
 
 
 # Default GPU backend per op, first available wins. The CUDA C++ extension implements the fused mix
-# (freq_mix, frontend) only; the block DCT runs on Triton. Until benches/gpu_bench.py has measured both on
-# a GPU, Triton comes first: its kernels are checked against the reference in CI (Triton's interpreter),
-# while the CUDA kernels have only been compiled, never run. Reorder from gpu_bench's "gpu_preference".
+# (freq_mix, frontend) only; the block DCT runs on Triton. Chosen by forward + backward time, since one
+# backend runs both in training, measured in one run on an H100 (benches/results/h100/run1_afb9c80, N = 512,
+# fp32, public ops, ms): freq_mix per-image channels Triton 0.71 + 0.81 vs CUDA 0.34 + 2.03 (the CUDA
+# forward alone was faster then; Triton's forward has since dropped to 0.24 with tf32x3 dots), frontend
+# x8 k = 4 Triton 4.76 + 3.70 vs CUDA 13.64 + 119.05. Re-derive from gpu_bench's "gpu_preference".
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "block_dct": ("triton",), "block_idct": ("triton",), "freq_mix": ("triton", "cuda"), "frontend": ("triton", "cuda"),
 }

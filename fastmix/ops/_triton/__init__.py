@@ -16,13 +16,20 @@ import os
 import torch
 
 # Launch parameters and numerics switches of the Triton kernels, read at every call (so a benchmark can
-# sweep them: benches/gpu_bench.py). The defaults are first guesses made without a GPU; the GPU session
-# replaces them with measured choices and records the measurement beside them.
+# sweep them: benches/gpu_bench.py). Where a comment cites a measurement it is benches/results/h100 (one
+# H100, N = 512, 3x112x112, fp32, k = 6 for freq_mix and 4 for the frontend); the other entries are the
+# sm_90 compile reports' choices, not yet timed against their alternatives.
 CONFIG: dict = {
-    # tl.dot operand precision for float32 data. "ieee": exact fp32 FMAs (the CPU backend's numerics;
-    # relative error ~1e-7). "tf32x3": three tf32 tensor-core products (error ~1e-6, may be faster on
-    # H100/H200). "tf32": one tf32 product (error ~3e-4: fails the 1e-5 fp32 target; never the default).
-    "dot_precision_fp32": "ieee",
+    # tl.dot operand precision for float32 data in the mix kernels. "ieee": exact fp32 FMAs (the CPU
+    # backend's numerics; relative error ~1.6e-7). "tf32x3": three tf32 tensor-core products (measured
+    # error 2.4e-7 forward, 4.5e-7 with the pixels output). "tf32": one tf32 product (error ~3e-4: fails
+    # the 1e-5 fp32 target; never the default). tf32x3 measured faster: freq_mix forward 0.236 vs 0.367 ms
+    # (per-image weights, channels), 0.287 vs 0.439 (pixels); the x gradient 2.37 vs 2.66 ms over the four
+    # freq_mix cases (run2_cef8669).
+    "dot_precision_fp32": "tf32x3",
+    # ... and in the standalone block DCT (also the per-frequency freq_mix's first pass): "ieee" measured
+    # faster there (per-frequency freq_mix, channels: 0.461 ms with ieee, 0.552 with tf32x3).
+    "dot_precision_fp32_dct": "ieee",
     # ... and for fp16 / bf16 inputs, whose own rounding (>= 4e-3) dominates tf32's.
     "dot_precision_low": "tf32",
     # x gradient of the mix op: "gather" (deterministic: partners gathered through an inverse index built
@@ -56,8 +63,9 @@ CONFIG: dict = {
     # Resampling forward (the frontend): unroll the per-image partner loop for k <= 8 (one compiled
     # variant per k; hoisted weights and partner bases, independent pixel loads), and read the 64 sign
     # hash words of each (m, channel) from a table made by one small kernel instead of hashing them in
-    # every thread. Both were chosen from the sm_90 SASS (fewer instructions per block; the first GPU run
-    # measured the run-time loop version at 3.7 ms for N = 512, x8, k = 4); gpu_bench times both ways.
+    # every thread. From the sm_90 SASS: 1,672 straight-line instructions per thread instead of about
+    # 3,000 with 60 branches. Measured (frontend x8, k = 4, fp32 out): 2.75 ms vs 4.21 ms for the run-time
+    # loop that hashes in the kernel (bf16 out: 2.19 vs 3.58 ms); op alone 2.27 ms, predicted 2.3-2.8.
     "fwd_static_k": True,
     "fwd_sign_table": True,
     "fwd_blocks": 128,
@@ -72,11 +80,11 @@ CONFIG: dict = {
 }
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """The tl.dot input precision for data of ``dtype`` (see CONFIG)."""
+def dot_precision(dtype: torch.dtype, kernel: str = "mix") -> str:
+    """The tl.dot input precision for data of ``dtype`` in the mix kernels or (kernel="dct") the block DCT."""
     if dtype in (torch.float16, torch.bfloat16):
         return CONFIG["dot_precision_low"]
-    return CONFIG["dot_precision_fp32"]
+    return CONFIG["dot_precision_fp32_dct" if kernel == "dct" else "dot_precision_fp32"]
 
 
 def tile_config(kernel: str, precision: str) -> tuple[int, int]:

@@ -10,9 +10,10 @@ matrix product with the 64x64 Kronecker matrix (D kron D): [BL, 64] @ [64, 64] t
 registers from the 8x8 D once per program. That is 4x the multiply-adds of the separable form (which
 Triton cannot express on register tiles without shuffles through shared memory, and whose K = 8 is below
 tl.dot's minimum of 16), and it is regular code: 128 flops per 8 bytes moved, near an H100's fp32-FMA
-balance point (about 20 flop/byte), hence the tensor-core option CONFIG["dot_precision_fp32"] = "tf32x3"
-that the GPU benchmark times against exact "ieee" FMAs. channels=True writes the coefficients directly in
-the to_channels layout (the per-frequency freq_mix path transforms every image once this way).
+balance point (about 20 flop/byte), hence the tensor-core option CONFIG["dot_precision_fp32_dct"] =
+"tf32x3" that the GPU benchmark can time against exact "ieee" FMAs (on an H100 ieee measured faster here,
+tf32x3 in the mix kernels). channels=True writes the coefficients directly in the to_channels layout (the
+per-frequency freq_mix path transforms every image once this way).
 
 Bytes moved: read x once, write y once (the floor). Block sizes other than 8, and float64 inputs, fall
 back to the reference (a batched einsum through PyTorch): exact and differentiable, just not fused. (The
@@ -162,7 +163,7 @@ def block_dct_forward(x: torch.Tensor, inverse: bool, channels: bool = False, ou
         return y
     check_plane(h, w)
     planes = xc.numel() // (h * w)
-    prec = dot_precision(xc.dtype)
+    prec = dot_precision(xc.dtype, "dct")
     bl, nw = tile_config("dct", prec)
     n_tiles = triton.cdiv(hb * wb, bl)
     _block_dct_kernel[(planes * n_tiles,)](
