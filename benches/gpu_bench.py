@@ -173,6 +173,16 @@ def errors_into(rec):
         traceback.print_exc()
 
 
+@contextlib.contextmanager
+def step_errors(what):
+    """A whole step that fails is recorded in RESULTS["errors"] (its traceback printed), not raised."""
+    try:
+        yield
+    except Exception as exc:
+        RESULTS["errors"].append(f"{what}: {exc!r}"[:500])
+        traceback.print_exc()
+
+
 def poison():
     """Fill the caching allocator's free memory with NaN so that outputs start as NaN, not zeros."""
     if DEV.type != "cuda":
@@ -817,17 +827,11 @@ def child_main(backend, n, case_list):
     save(path)
     for cs in case_list:
         log(f"timing {cs.name} ({backend})")
-        try:
+        with step_errors(f"{cs.name} ({backend})"):
             time_backend(cs, backend)
-        except Exception as exc:
-            RESULTS["errors"].append(f"{cs.name} ({backend}): {exc!r}"[:500])
-            traceback.print_exc()
         save(path)
-    try:
+    with step_errors(f"fr_step ({backend})"):
         fr_step_with_fallback(n, [backend])
-    except Exception as exc:
-        RESULTS["errors"].append(f"fr_step ({backend}): {exc!r}"[:500])
-        traceback.print_exc()
     save(path)
     return 0
 
@@ -1008,20 +1012,14 @@ def main():
     B = load_baselines()
     for cs in case_list:
         log(f"timing {cs.name} (backends here and baselines)")
-        try:
+        with step_errors(f"{cs.name} (baselines)"):
             time_baselines(cs, B)
-        except Exception as exc:
-            RESULTS["errors"].append(f"{cs.name} (baselines): {exc!r}"[:500])
-            traceback.print_exc()
         if DEV.type == "cuda":
             torch.cuda.empty_cache()
         save()
     log("timing the frontend inside an IResNet-50 step")
-    try:  # before the sweep: the FR-step share is a target, the sweep is optional
+    with step_errors("fr_step"):  # before the sweep: the FR-step share is a target, the sweep is optional
         fr_step_with_fallback(n, [b for b in ACTIVE if b not in failed])
-    except Exception as exc:
-        RESULTS["errors"].append(f"fr_step: {exc!r}"[:500])
-        traceback.print_exc()
     save()
     for be in isolated:
         run_child(be, n)
@@ -1033,11 +1031,8 @@ def main():
     save()
     if sweep:
         log("sweep of the Triton CONFIG")
-        try:
+        with step_errors("sweep"):
             time_sweep(case_list, sweep, failed)
-        except Exception as exc:
-            RESULTS["errors"].append(f"sweep: {exc!r}"[:500])
-            traceback.print_exc()
 
     rows, best, pref = summarize(case_list, bw)
     tg = targets(rows)
