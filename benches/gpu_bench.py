@@ -33,8 +33,8 @@ time limit still returns what it measured; a short table prints last):
     the mixed-label loss), timed on a precomputed masked batch and with fastmix.frontend (x8, k=4) inside
     the step, per GPU backend; the published eager pipeline's forward (timed in 5) as a share of the same step;
  7. the isolated backends (--isolate, default cuda) in a child process each: steps 3, 4, 5 and 6 for that
-    backend alone. Their kernels have never run before a first GPU session, and a kernel that faults
-    poisons its process's CUDA context: the child's crash is recorded, the parent's numbers stay;
+    backend alone. A kernel that faults poisons its process's CUDA context (the CUDA kernels' first GPU run
+    was such a risk): the child's crash is recorded, the parent's numbers stay;
  8. torch.compile of the reference (fm_image_ch, fe_fp32);
  9. the Triton CONFIG sweep, point by point in priority order: checked as in 3, then timed as in 5;
 10. recommendations: the fastest correct Triton CONFIG per kernel and the faster GPU backend per op (for

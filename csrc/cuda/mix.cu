@@ -16,6 +16,12 @@
 // the partner index, built with torch ops on the stream: no host sync), never scattered with atomics.
 // Backward in weight: one CTA per (m, c, t) reduces over the plane's blocks; partial sums per colour
 // are reduced by torch (deterministic). No host syncs anywhere: CUDA-graph capturable.
+//
+// Measured on an H100 (benches/results/h100/run1_afb9c80, N = 512, 3x112x112, fp32): correct, capturable;
+// freq_mix (k = 6) forward 0.34 ms, x + weight gradients 2.03 ms; frontend (x8, k = 4) forward 13.6 ms,
+// x + weight gradients 119 ms, against Triton's 4.8 and 3.7 ms then. ptxas gives the fp32 forward kernels
+// 238-255 registers per thread (2 blocks of 128 threads per SM); not profiled further. Triton is the
+// default GPU backend (fastmix/_backend.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
