@@ -221,12 +221,24 @@ def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None
     if backend == "torch":
         u = color_transform(upsample_ref(to_255(x.to(cd)), upsample), color)
         return mix_channels_ref(to_channels(block_dct_ref(u)), index, weight4, ids, seed, False, out_dtype)
-    # The colour transform runs at source resolution (1/upsample^2 of the work) through torch, so its
-    # gradient comes from autograd; the fused kernel does upsampling, DCT, mixing, keep and signs.
-    src = color_transform(to_255(x.to(cd)), color)
+    # The colour transform runs at source resolution (1/upsample^2 of the work), as its own pass with its
+    # own gradient (torch ops, or one Triton kernel: CONFIG["color_pass"]); the fused kernel does
+    # upsampling, DCT, mixing, keep and signs.
+    src = _color_pass(x, color, cd, backend)
     rows = upsample_geometry(h, upsample, cd, x.device)
     cols = upsample_geometry(w, upsample, cd, x.device)
     return mix_op(backend, src, index, weight4, ids, seed, False, rows, cols, out_dtype, "frontend")
+
+
+def _color_pass(x, color, cd, backend):
+    if backend == "triton" and color == "ycbcr" and cd == torch.float32:
+        from ._triton import CONFIG
+
+        if CONFIG["color_pass"] == "triton":
+            from ._triton.color import ycbcr
+
+            return ycbcr(x)
+    return color_transform(to_255(x.to(cd)), color)
 
 
 def frontend_inverse(z, *, upsample=8, color="ycbcr", keep=None, channels=None, size=None):

@@ -53,6 +53,7 @@ def _signature(fn, consts, dtypes):
 
 def variants(quick: bool):
     from fastmix.ops._triton import CONFIG, tile_config
+    from fastmix.ops._triton import color as tcolor
     from fastmix.ops._triton import dct as tdct
     from fastmix.ops._triton import mix as tmix
 
@@ -85,6 +86,7 @@ def variants(quick: bool):
     if not quick:
         v.append(("fwd (resampling) R=5 KS=6", tmix._mix_fwd_kernel,
                   dict(RA=5, RB=5, PER_IMAGE=True, USE_SEED=True, KS=6, PLANES=True, BL=bl), {}, nw))
+    v.append(("ycbcr colour pass", tcolor._color_affine_kernel, dict(BP=tcolor.BLOCK_PIXELS), {}, 4))
     bl, nw = tile_config("bwd_dct", "ieee")
     for per_image in (True, False):
         for need_w in (False, True):

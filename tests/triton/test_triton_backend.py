@@ -328,6 +328,32 @@ def test_frontend_forward_alternative_paths(config, static_k, table):
     assert rel_err(y, yr) < RTOL[torch.float32]
 
 
+def test_frontend_color_pass_in_one_kernel(config):
+    """CONFIG["color_pass"] = "triton": the [0, 255] scaling and YCbCr transform as one kernel (folded
+    affine map), with its gradient; the same function as the reference, forward and both gradients."""
+    config["color_pass"] = "triton"
+    g = _gen(24)
+    x = torch.rand(3, 3, 3, 2, generator=g) * 2 - 1
+    index = torch.randint(0, 3, (4, 2), generator=g)
+    wt = _weights("image", 4, 2, 3, g)
+    keep = [i for i in range(192) if i % 64 != 0]
+    gout = torch.randn(4, 189, 3, 2, generator=g, dtype=torch.float64)
+
+    def run(fn):
+        return lambda a, b: fn(a, upsample=8, keep=keep, index=index, weight=b, seed=5)
+
+    y, gx, gw = _grads(run(fastmix.frontend), x, wt, gout)
+    yr, gxr, gwr = _grads(run(fastmix.frontend_ref), x.double(), wt.double(), gout)
+    for a, b in ((y, yr), (gx, gxr), (gw, gwr)):
+        assert rel_err(a, b) < RTOL[torch.float32]
+    from fastmix.ops._triton.color import ycbcr
+    from fastmix.ops.frontend import color_transform, to_255
+
+    xs = torch.rand(2, 3, 5, 7, generator=g) * 2 - 1  # odd plane: the masked tail of the pixel tile
+    assert rel_err(ycbcr(xs), color_transform(to_255(xs.double()), "ycbcr")) < RTOL[torch.float32]
+    torch.library.opcheck(torch.ops.fastmix.ycbcr_triton, (xs.requires_grad_(),))
+
+
 def test_sign_planes_match_the_spec():
     from fastmix.ops._triton.sign import kernel_key, sign_planes
     from fastmix.ops.sign import mix32_tensor, seed_key

@@ -4,6 +4,7 @@ Modules (each reads reference -> kernels -> launchers -> op registration, as the
   sign.py - the sign-flip hash of fastmix/ops/sign.py as @triton.jit helpers (uint32 arithmetic in registers)
   dct.py  - block DCT-II / DCT-III (block = 8), op ``fastmix::block_dct_triton``
   mix.py  - forward and backward of the fused mix, ops ``fastmix::mix_fwd_triton`` / ``fastmix::mix_bwd_triton``
+  color.py - the frontend's colour pass in one kernel, op ``fastmix::ycbcr_triton`` (CONFIG["color_pass"])
 
 Nothing here is imported by ``import fastmix``: the dispatcher (fastmix/_backend.py) imports these modules
 only when the "triton" backend runs an op, so a missing triton never breaks the package. On CPU tensors the
@@ -67,6 +68,10 @@ CONFIG: dict = {
     # 3,000 with 60 branches. Measured (frontend x8, k = 4, fp32 out): 2.75 ms vs 4.21 ms for the run-time
     # loop that hashes in the kernel (bf16 out: 2.19 vs 3.58 ms); op alone 2.27 ms, predicted 2.3-2.8.
     "fwd_static_k": True,
+    # The frontend's colour pass ([-1, 1] -> level-shifted YCbCr, at source resolution, before the fused
+    # kernel): "torch" (five torch kernels, about 0.4 ms of the 2.75 ms frontend on an H100) or "triton"
+    # (one pass: color.py; predicted 0.05 ms). Not timed on a GPU yet: gpu_bench's "triton:color_pass".
+    "color_pass": "torch",
     "fwd_sign_table": True,
     "fwd_blocks": 128,
     "fwd_warps": 4,

@@ -46,7 +46,8 @@ An atomic-add variant of the x gradient exists for the plain DCT geometry (CONFI
 Numerics: fp32 / fp16 / bf16 inputs, fp32 accumulation, outputs in out_dtype (forward) or the input's
 dtype (gradients). float64 inputs: the entry point ``mix`` runs ``mix_reference`` (exact float64 PyTorch,
 differentiable); called directly, the custom ops compute float64 data in float32.
-tl.dot runs with CONFIG's precision ("ieee" by default: exact fp32 products).
+tl.dot runs with CONFIG's precision (fp32 data: "tf32x3", three tensor-core products, error ~2e-7,
+measured faster on an H100 than exact "ieee" FMAs).
 Offsets: plane bases and every index that scales with N, M or C are int64; offsets inside one (H, W)
 plane are int32 (the launchers check H * W < 2**31).
 
