@@ -351,7 +351,7 @@ def test_frontend_color_pass_in_one_kernel(config):
 
     xs = torch.rand(2, 3, 5, 7, generator=g) * 2 - 1  # odd plane: the masked tail of the pixel tile
     assert rel_err(ycbcr(xs), color_transform(to_255(xs.double()), "ycbcr")) < RTOL[torch.float32]
-    torch.library.opcheck(torch.ops.fastmix.ycbcr_triton, (xs.requires_grad_(),))
+    torch.library.opcheck(torch.ops.fastmix.ycbcr_triton, (xs.requires_grad_(), False))
 
 
 def test_sign_planes_match_the_spec():

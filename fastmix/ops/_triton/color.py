@@ -61,26 +61,16 @@ def _constants(device: torch.device):
 
 
 @torch.library.custom_op("fastmix::ycbcr_triton", mutates_args=())
-def ycbcr_triton(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, h, w) in [-1, 1], any float dtype -> float32 level-shifted YCbCr."""
-    a, b, _, _ = _constants(x.device)
-    return _launch(x, a, b)
+def ycbcr_triton(x: torch.Tensor, adjoint: bool) -> torch.Tensor:
+    """adjoint=False: (N, 3, h, w) in [-1, 1], any float dtype -> float32 level-shifted YCbCr.
+    adjoint=True: the map's gradient, A^T applied per pixel (no offset)."""
+    a, b, at, zeros = _constants(x.device)
+    return _launch(x, at, zeros) if adjoint else _launch(x, a, b)
 
 
 @ycbcr_triton.register_fake
-def _(x):
+def _(x, adjoint):
     return x.new_empty(x.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("fastmix::ycbcr_triton_bwd", mutates_args=())
-def ycbcr_triton_bwd(grad: torch.Tensor) -> torch.Tensor:
-    _, _, at, zeros = _constants(grad.device)
-    return _launch(grad, at, zeros)
-
-
-@ycbcr_triton_bwd.register_fake
-def _(grad):
-    return grad.new_empty(grad.shape, dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
@@ -88,7 +78,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    return torch.ops.fastmix.ycbcr_triton_bwd(grad).to(ctx.dtype)
+    return torch.ops.fastmix.ycbcr_triton(grad, True).to(ctx.dtype), None
 
 
 ycbcr_triton.register_autograd(_backward, setup_context=_setup)
@@ -96,4 +86,4 @@ ycbcr_triton.register_autograd(_backward, setup_context=_setup)
 
 def ycbcr(x: torch.Tensor) -> torch.Tensor:
     """color_transform(to_255(x), "ycbcr") in one pass (float32 out); x (N, 3, h, w), validated by the caller."""
-    return torch.ops.fastmix.ycbcr_triton(x)
+    return torch.ops.fastmix.ycbcr_triton(x, False)
