@@ -69,8 +69,9 @@ CONFIG: dict = {
     # loop that hashes in the kernel (bf16 out: 2.19 vs 3.58 ms); op alone 2.27 ms, predicted 2.3-2.8.
     "fwd_static_k": True,
     # The frontend's colour pass ([-1, 1] -> level-shifted YCbCr, at source resolution, before the fused
-    # kernel): "torch" (five torch kernels, about 0.4 ms of the 2.75 ms frontend on an H100) or "triton"
-    # (one pass: color.py; predicted 0.05 ms). Not timed on a GPU yet: gpu_bench's "triton:color_pass".
+    # kernel): "torch" (about five torch kernels; estimated most of the 0.47 ms the public frontend took
+    # over its fused kernel on an H100) or "triton" (one pass: color.py; predicted 0.05 ms). Not timed on
+    # a GPU yet: gpu_bench's "triton:color_pass".
     "color_pass": "torch",
     "fwd_sign_table": True,
     "fwd_blocks": 128,

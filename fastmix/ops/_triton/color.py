@@ -3,11 +3,11 @@
     src[n, d, p] = sum_c A[d, c] * x[n, c, p] + b[d],   A = 127.5 * YCBCR,  b = 127.5 * YCBCR @ 1 + (-128, 0, 0)
 
 which is ``color_transform(to_255(x), "ycbcr")`` (fastmix/ops/frontend.py, the reference) folded into one
-affine map. Through torch that pass is five kernels (scale, shift, an einsum with its layout copies, the
-offset): on an H100 they cost about 0.4 ms of the frontend's 2.75 ms at N = 512, 3x112x112 (the rest of the
-public op's 0.47 ms over its fused kernel). One pass reads x once and writes src once (77 MB + 77 MB
-there: about 0.05 ms at the card's copy bandwidth). CONFIG["color_pass"] selects it; the gradient is the
-same kernel with A^T and no offset.
+affine map. Through torch that pass is about five kernels (scale, shift, an einsum with its layout copies,
+the offset). On an H100 at N = 512, 3x112x112 the public frontend took 0.47 ms more than its fused kernel
+alone (2.75 vs 2.27 ms); by a byte count (about six passes over 154 MB) most of it is this pass, not
+profiled. One pass reads x once and writes src once (about 0.05 ms there at the card's copy bandwidth).
+CONFIG["color_pass"] selects it; the gradient is the same kernel with A^T and no offset.
 """
 from __future__ import annotations
 
