@@ -286,6 +286,16 @@ class Case:
         self.weights, self.out, self.upsample, self.out_dtype, self.seed = weights, out, upsample, out_dtype, seed
         self.keep = NO_DC_FM if op == "freq_mix" else NO_DC_3
 
+    def resized(self, n, c, h, w, k):
+        """The same case (op, weights, output, dtype, seed) at another shape."""
+        return Case(self.name, self.op, n, c, h, w, k, self.weights, out=self.out, upsample=self.upsample,
+                    out_dtype=self.out_dtype, seed=self.seed)
+
+    def timing_inputs(self):
+        """The inputs every implementation of this case is timed on (one fixed draw, x and weight
+        requiring grad)."""
+        return self.inputs(torch.Generator(device=DEV).manual_seed(100), requires_grad=True)
+
     def inputs(self, gen, n=None, dtype=torch.float32, requires_grad=False):
         n = self.n if n is None else n
         x = torch.randn(n, self.c, self.h, self.w, generator=gen, device=DEV, dtype=dtype)
@@ -497,8 +507,7 @@ def check_variant(name, backend, overrides, case_list):
             hw = (2, 3) if ARGS.dry_run else (13, 9)
             shapes.append((cs, dict(n=small, c=3, h=hw[0], w=hw[1])))
     for cs, shp in shapes:
-        sub = Case(cs.name, cs.op, shp["n"], shp["c"], shp["h"], shp["w"], min(cs.k, shp["n"]), cs.weights,
-                   out=cs.out, upsample=cs.upsample, out_dtype=cs.out_dtype, seed=cs.seed)
+        sub = cs.resized(shp["n"], shp["c"], shp["h"], shp["w"], min(cs.k, shp["n"]))
         if sub.op == "freq_mix" and sub.c == 1:
             sub.keep = list(range(1, 64))
         rec = {"variant": name, "case": cs.name, "shape": [sub.n, sub.c, sub.h, sub.w, sub.k]}
@@ -533,10 +542,43 @@ def check_variant(name, backend, overrides, case_list):
     return all(r["ok"] for r in RESULTS["checks"] if r["variant"] == name)
 
 
+def replays_exactly(fn):
+    """Run fn() (a tuple of tensors) eagerly, warm it on a side stream, capture it in one CUDA graph and
+    replay: whether the replay gives the eager outputs bit for bit. A host sync inside, or an allocation
+    the graph cannot own, raises during the capture."""
+    eager = fn()  # warm: compiles, fills the caches
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return all(torch.equal(a, b) for a, b in zip(eager, captured))
+
+
+def record_graph(case, label, build):
+    """RESULTS["graphs"] entry of replays_exactly(build()) on a 16-image version of case; build(sub, gen)
+    makes the inputs and returns fn, inside the recorded try (an error there fails the entry, not the run)."""
+    if DEV.type != "cuda":
+        return
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    sub = case.resized(16, 3, case.h, case.w, case.k)
+    rec = {"case": case.name, "backend": label}
+    try:
+        rec["ok"] = bool(replays_exactly(build(sub, gen)))
+    except Exception as exc:
+        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+    RESULTS["graphs"].append(rec)
+    log(f"graph capture {label} {case.name}: {rec}")
+
+
 def graph_capture(case, backend):
-    """Capture one backend's forward + backward ops in one CUDA graph, replay, compare with an eager call
-    (a host sync inside an op, or an allocation the graph cannot own, fails the capture)."""
-    if DEV.type != "cuda" or backend not in gpu_backends():
+    """One backend's forward + backward ops in one CUDA graph."""
+    if backend not in gpu_backends():
         return
     if backend == "triton":
         import fastmix.ops._triton.mix  # noqa: F401  (registers the Triton ops)
@@ -544,64 +586,35 @@ def graph_capture(case, backend):
         fwd_op, bwd_op = torch.ops.fastmix.mix_fwd_triton, torch.ops.fastmix.mix_bwd_triton
     else:  # the CUDA kernels are the CUDA-key implementations of the dispatcher ops
         fwd_op, bwd_op = torch.ops.fastmix.mix_fwd, torch.ops.fastmix.mix_bwd
-    gen = torch.Generator(device=DEV).manual_seed(7)
-    sub = Case(case.name, case.op, 16, 3, case.h, case.w, case.k, case.weights, out=case.out,
-               upsample=case.upsample, out_dtype=case.out_dtype, seed=case.seed)
-    rec = {"case": case.name, "backend": backend}
-    try:
+
+    def build(sub, gen):
         x, index, wt = sub.inputs(gen)
         args = sub.op_args(x, index, wt)
-        y0 = fwd_op(*args)
-        g = torch.randn(y0.shape, generator=gen, device=DEV).to(y0.dtype)
+        y = fwd_op(*args)
+        g = torch.randn(y.shape, generator=gen, device=DEV).to(y.dtype)
         bargs = (g,) + args[:4] + args[5:12] + (True, True)
-        gx0, gw0 = bwd_op(*bargs)  # warm: compiles, builds caches
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fwd_op(*args)
-            bwd_op(*bargs)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y1 = fwd_op(*args)
-            gx1, gw1 = bwd_op(*bargs)
-        graph.replay()
-        torch.cuda.synchronize()
-        rec.update(ok=bool(torch.equal(y0, y1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1)))
-    except Exception as exc:
-        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
-    RESULTS["graphs"].append(rec)
-    log(f"graph capture {backend} {case.name}: {rec}")
+        return lambda: (fwd_op(*args), *bwd_op(*bargs))
+
+    record_graph(case, backend, build)
 
 
 def graph_capture_public(case):
-    """Capture the public op's forward (validation and all) in a CUDA graph: it must not sync the host
-    (the index range check is skipped while capturing; constants are cached per device)."""
-    if DEV.type != "cuda" or not gpu_backends():
+    """The public op's forward (validation and all) in a CUDA graph: it must not sync the host (the index
+    range check is skipped while capturing; constants are cached per device)."""
+    if not gpu_backends():
         return
-    gen = torch.Generator(device=DEV).manual_seed(8)
-    sub = Case(case.name, case.op, 16, 3, case.h, case.w, case.k, case.weights, out=case.out,
-               upsample=case.upsample, out_dtype=case.out_dtype, seed=case.seed)
-    rec = {"case": case.name, "backend": f"{gpu_backends()[0]} (public op)"}
-    try:
+    be = gpu_backends()[0]
+
+    def build(sub, gen):
         x, index, wt = sub.inputs(gen)
-        with variant(gpu_backends()[0]), torch.no_grad():
-            y0 = sub.run(x, index, wt)  # warm: compiles, fills the caches
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                sub.run(x, index, wt)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                y1 = sub.run(x, index, wt)
-            graph.replay()
-        torch.cuda.synchronize()
-        rec.update(ok=bool(torch.equal(y0, y1)))
-    except Exception as exc:
-        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
-    RESULTS["graphs"].append(rec)
-    log(f"graph capture (public op) {case.name}: {rec}")
+
+        def fn():
+            with variant(be), torch.no_grad():
+                return (sub.run(x, index, wt),)
+
+        return fn
+
+    record_graph(case, f"{be} (public op)", build)
 
 
 def time_impl(case, impl, f, x, wt, need_bwd=True):
@@ -635,8 +648,7 @@ def time_impl(case, impl, f, x, wt, need_bwd=True):
 def time_baselines(case, B):
     """Pass 1 (always runs): this process's backends (the default Triton CONFIG, the op alone; the CUDA
     backend where it is not isolated) and the eager baselines."""
-    gen = torch.Generator(device=DEV).manual_seed(100)
-    x, index, wt = case.inputs(gen, requires_grad=True)
+    x, index, wt = case.timing_inputs()
     m = index.shape[0]
     if "triton" in gpu_backends():
         import fastmix.ops._triton.mix  # noqa: F401  (registers torch.ops.fastmix.mix_fwd_triton)
@@ -668,8 +680,7 @@ def time_compiled_ref(case):
     if elapsed() > ARGS.budget_s:
         RESULTS["errors"].append(f"budget: skipped compiled_ref on {case.name}")
         return
-    gen = torch.Generator(device=DEV).manual_seed(100)
-    x, index, wt = case.inputs(gen, requires_grad=True)
+    x, index, wt = case.timing_inputs()
     try:
         torch._dynamo.reset()
         cref = torch.compile(case.ref)
@@ -680,8 +691,7 @@ def time_compiled_ref(case):
 
 def time_backend(case, backend):
     """The public op on one backend (the isolated child's timing)."""
-    gen = torch.Generator(device=DEV).manual_seed(100)
-    x, index, wt = case.inputs(gen, requires_grad=True)
+    x, index, wt = case.timing_inputs()
     with variant(backend):
         time_impl(case, backend, lambda a, b: case.run(a, index, b), x, wt)
         with index_checks(False):
@@ -780,8 +790,7 @@ def time_sweep(case_list, sweep, failed):
             continue
         for case in todo:
             if case.name not in inputs:
-                gen = torch.Generator(device=DEV).manual_seed(100)
-                inputs[case.name] = case.inputs(gen, requires_grad=True)
+                inputs[case.name] = case.timing_inputs()
             x, index, wt = inputs[case.name]
             with variant("triton", overrides), index_checks(False):  # compared with "triton(unchecked)"
                 time_impl(case, name, lambda a, b, case=case, index=index: case.run(a, index, b), x, wt)
