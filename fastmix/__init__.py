@@ -1,8 +1,8 @@
 """fastmix: fused frequency-domain privacy masking for face recognition.
 
 Public API (see README.md): block_dct / block_idct, to_channels / from_channels, freq_mix, frontend,
-frontend_inverse, sample_partners, sample_weights, set_index_checks, and fastmix.nn.HybridMask. Importing fastmix never
-touches a GPU and never fails because an extension is missing.
+frontend_inverse, sample_partners, sample_weights, set_index_checks, and fastmix.nn.HybridMask. Importing
+fastmix never touches a GPU and never fails because an extension is missing.
 """
 from . import nn
 from ._backend import available_backends

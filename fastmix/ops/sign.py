@@ -85,8 +85,9 @@ def check_seed(seed) -> int | None:
 def sign_ref(seed: int, m: int, channels: int, hb: int, wb: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """The signs for output rows 0..m-1 as a (m, channels, hb, wb) tensor of +-1 (reference; materialised).
 
-    Hashed a few rows at a time: the int64 intermediates are 8x the output's float32 bytes and several
-    are alive at once (at the frontend's 512 x 192 x 112 x 112 that would be about 40 GB at once)."""
+    Hashed a few rows at a time: the int64 intermediates are 2x the output's float32 bytes each and several
+    are alive at once (at the frontend's 512 x 192 x 112 x 112, 9.9 GB each; the first GPU run's
+    out-of-memory error, with most of the card still held by an earlier failed call, was raised here)."""
     key = seed_key(seed)
     dev = torch.device("cpu") if device is None else torch.device(device)
     out = torch.empty((m, channels, hb, wb), dtype=dtype, device=dev)

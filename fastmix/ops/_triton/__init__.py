@@ -45,6 +45,19 @@ CONFIG: dict = {
     # the 2-D DCT as one tl.dot with kron(D, D)) or "resampling" (the frontend's kernel with A_I = B_J = D:
     # one 8x8 block per thread, separable FMAs in registers, partners unrolled; 255 registers on sm_90).
     "fwd_dct_route": "dot",
+    # Resampling forward (the frontend): unroll the per-image partner loop for k <= 8 (one compiled
+    # variant per k; hoisted weights and partner bases, independent pixel loads), and read the 64 sign
+    # hash words of each (m, channel) from a table made by one small kernel instead of hashing them in
+    # every thread. From the sm_90 SASS: 1,672 straight-line instructions per thread instead of about
+    # 3,000 with 60 branches. Measured (frontend x8, k = 4, fp32 out): 2.75 ms vs 4.21 ms for the run-time
+    # loop that hashes in the kernel (bf16 out: 2.19 vs 3.58 ms); op alone 2.27 ms, predicted 2.3-2.8.
+    "fwd_static_k": True,
+    "fwd_sign_table": True,
+    # The frontend's colour pass ([-1, 1] -> level-shifted YCbCr, at source resolution, before the fused
+    # kernel): "torch" (about five torch kernels; estimated most of the 0.47 ms the public frontend took
+    # over its fused kernel on an H100) or "triton" (one pass: color.py; predicted 0.05 ms). Not timed on
+    # a GPU yet: gpu_bench's "triton:color_pass".
+    "color_pass": "torch",
     # (blocks per program, warps per program) of the kernels built on tl.dot, per dot precision. Chosen
     # from the sm_90 compile reports (tests/triton/compile_sm90.py): the largest tile that compiles without
     # register spills. Triton's fp32 "ieee" dot keeps whole operand rows in registers, so it wants 8 warps
@@ -61,19 +74,6 @@ CONFIG: dict = {
     # and sign stays in that thread's registers and the compiled code has one layout conversion (the
     # store) instead of 13 (sm_90 compile report, 64 blocks x 4 warps: two threads and four warps shared
     # the u axis of each block, and every reduction over u went through shared memory).
-    # Resampling forward (the frontend): unroll the per-image partner loop for k <= 8 (one compiled
-    # variant per k; hoisted weights and partner bases, independent pixel loads), and read the 64 sign
-    # hash words of each (m, channel) from a table made by one small kernel instead of hashing them in
-    # every thread. From the sm_90 SASS: 1,672 straight-line instructions per thread instead of about
-    # 3,000 with 60 branches. Measured (frontend x8, k = 4, fp32 out): 2.75 ms vs 4.21 ms for the run-time
-    # loop that hashes in the kernel (bf16 out: 2.19 vs 3.58 ms); op alone 2.27 ms, predicted 2.3-2.8.
-    "fwd_static_k": True,
-    # The frontend's colour pass ([-1, 1] -> level-shifted YCbCr, at source resolution, before the fused
-    # kernel): "torch" (about five torch kernels; estimated most of the 0.47 ms the public frontend took
-    # over its fused kernel on an H100) or "triton" (one pass: color.py; predicted 0.05 ms). Not timed on
-    # a GPU yet: gpu_bench's "triton:color_pass".
-    "color_pass": "torch",
-    "fwd_sign_table": True,
     "fwd_blocks": 128,
     "fwd_warps": 4,
     "bwd_adj_blocks": 128,
