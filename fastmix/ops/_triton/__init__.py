@@ -23,7 +23,7 @@ import torch
 CONFIG: dict = {
     # tl.dot operand precision for float32 data in the mix kernels. "ieee": exact fp32 FMAs (the CPU
     # backend's numerics; relative error ~1.6e-7). "tf32x3": three tf32 tensor-core products (measured
-    # error 2.4e-7 forward, 4.5e-7 with the pixels output). "tf32": one tf32 product (error ~3e-4: fails
+    # errors 2.1e-7 to 4.5e-7 forward, up to 2.0e-6 in the weight gradient). "tf32": one tf32 product (error ~3e-4: fails
     # the 1e-5 fp32 target; never the default). tf32x3 measured faster: freq_mix forward 0.236 vs 0.367 ms
     # (per-image weights, channels), 0.287 vs 0.439 (pixels); the x gradient 2.37 vs 2.66 ms over the four
     # freq_mix cases (run2_cef8669).
