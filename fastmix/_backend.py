@@ -119,7 +119,8 @@ def choose(device: torch.device, op: str) -> str:
 # backend runs both in training, measured in one run on an H100 (benches/results/h100/run1_afb9c80, N = 512,
 # fp32, public ops, ms): freq_mix per-image channels Triton 0.71 + 0.81 vs CUDA 0.34 + 2.03 (the CUDA
 # forward alone was faster then; Triton's forward has since dropped to 0.24 with tf32x3 dots), frontend
-# x8 k = 4 Triton 4.76 + 3.70 vs CUDA 13.64 + 119.05. Re-derive from gpu_bench's "gpu_preference".
+# x8 k = 4 Triton 4.76 + 3.70 vs CUDA 13.64 + 119.05. The CUDA kernels have been rewritten since (csrc/cuda/
+# mix_kernels.cuh) and not yet timed: re-derive from gpu_bench's "gpu_preference" when a GPU run has both.
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "block_dct": ("triton",), "block_idct": ("triton",), "freq_mix": ("triton", "cuda"), "frontend": ("triton", "cuda"),
 }

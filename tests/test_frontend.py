@@ -241,6 +241,31 @@ def test_nonfinite_propagates_exactly_upsampled(backend, gen, bad):
     assert torch.equal(~torch.isfinite(z), want)
 
 
+@pytest.mark.parametrize("up", [4, 8])
+def test_nonfinite_gradient_reaches_exactly_the_touched_pixels(backend, gen, up):
+    """A NaN in the gradient of one output block reaches the source pixels that block's bilinear rows and
+    columns touch, in the partners mixed with a non-zero weight, and nothing else: the patch pixels the
+    block does not touch and the zero-weight partner get exact zeros (0 * NaN would spread it)."""
+    from fastmix.ops.frontend import upsample_matrix
+
+    h, w = 6, 4
+    x = rand_faces(gen, 3, 1, h, w, dtype=torch.float64).requires_grad_()
+    index = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    weight = torch.tensor([[0.5, 0.0], [0.3, 0.7], [1.0, 0.4]], dtype=torch.float64, requires_grad=True)
+    z = fastmix.frontend(x, upsample=up, color="none", index=index, weight=weight, seed=2)
+    grad = torch.ones_like(z)
+    grad[0, 5, 0, 0] = float("nan")  # output 0 = 0.5 * image 0 + 0 * image 1; block (0, 0)
+    z.backward(grad)
+    rows = upsample_matrix(h, up)[:8].abs().sum(0) != 0  # source rows block row 0 touches
+    cols = upsample_matrix(w, up)[:8].abs().sum(0) != 0
+    want = torch.zeros(3, 1, h, w, dtype=torch.bool)
+    want[0, 0] = rows.view(-1, 1) & cols.view(1, -1)
+    assert torch.equal(torch.isnan(x.grad), want)
+    # (The zero weight's own gradient, <NaN gradient, partner coefficients>, is NaN in the reference and 0
+    # in the kernels, which treat a zero weight as padding; not pinned here.)
+    assert torch.isnan(weight.grad[0, 0]) and torch.isfinite(weight.grad[1:]).all()
+
+
 def test_zero_weight_partner_is_skipped(backend, gen):
     x = rand_faces(gen, 3, 3, 4, 4)
     x[2] = float("nan")

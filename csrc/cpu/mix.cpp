@@ -395,6 +395,7 @@ void mix_backward_x_kernel(const Problem& p, const g_t* grad, const int64_t* idx
               load_coef_grad(p, grad, pos, planes, rg, cg, m, c, I, J, G);
               if (p.per_image) {
                 const acc_t wt = w[e];
+                if (wt == acc_t(0)) continue;  // skipped partner: exact zeros, even from a NaN gradient
                 for (int64_t f = 0; f < NF; ++f) Gs[f] += wt * G[f];
               } else {
                 const acc_t* wr = w + (e * p.Cw + (p.Cw == 1 ? 0 : c)) * NF;
@@ -402,9 +403,13 @@ void mix_backward_x_kernel(const Problem& p, const g_t* grad, const int64_t* idx
               }
             }
             adjoint_transform(rg.t(I), Gs, cg.m(J), ra, dP);
+            // Patch pixels the block's bilinear rows / columns never touch get nothing (not 0 * G, which
+            // is NaN where G is), as the forward never reads them.
             acc_t* dst = acc.data() + rg.start[I] * p.W + cg.start[J];
+            const uint8_t *rv = rg.v(I), *cv = cg.v(J);
             for (int64_t a = 0; a < ra; ++a)
-              for (int64_t b = 0; b < rb; ++b) dst[a * p.W + b] += dP[a * BS + b];
+              for (int64_t b = 0; b < rb; ++b)
+                if (FIX || (rv[a] && cv[b])) dst[a * p.W + b] += dP[a * BS + b];
           }
       }
       in_t* out = gx + (n * p.C + c) * p.H * p.W;

@@ -2,7 +2,8 @@
 
 The CPU wheel of torch ships the c10/ATen CUDA headers but not the generated
 c10/cuda/impl/cuda_cmake_macros.h, so the test supplies that one-line header in a temporary folder.
-Running the kernels needs a GPU: benches/gpu_bench.py does that on a lent machine.
+Their logic runs on the CPU in test_cuda_emulated.py; running them on a device needs a GPU:
+benches/gpu_bench.py does that on a lent machine.
 """
 import glob
 import os
