@@ -1,9 +1,9 @@
 // The fused hybrid mask on NVIDIA GPUs (fastmix::mix_fwd / fastmix::mix_bwd), the GPU twin of csrc/cpu/mix.cpp:
 // same geometry, same zero-weight skipping, same sign hash (csrc/sign.h).
 //
-// Written once for two executors. csrc/cuda/mix.cu launches every kernel below on the current CUDA stream;
-// tests/cuda/emulate.cpp runs the same thread bodies on the CPU, one loop iteration per CUDA thread, so that
-// CI (which has no GPU) checks the kernels' indexing, masking and arithmetic against the CPU backend. To keep
+// Written once for two executors. csrc/cuda/mix_fwd.cu and mix_bwd.cu launch the kernels below on the current
+// CUDA stream (exec.cuh); tests/cuda/emulate.cpp runs the same thread bodies on the CPU, one loop iteration
+// per CUDA thread, so that CI (which has no GPU) checks the kernels' indexing, masking and arithmetic against the CPU backend. To keep
 // that possible every kernel is a functor whose `operator()(tid)` is one thread: no shared memory, no
 // barriers, no atomics; each thread writes outputs no other thread writes, and reductions write per-thread
 // partial sums that ATen adds up (deterministic). What the emulation cannot check: speed, launch limits, and
@@ -67,8 +67,9 @@ constexpr int NF = 64;
 #define FASTMIX_AS_FLOAT(v) v##f
 
 #if defined(__CUDACC__)
-__constant__ double kDctDevD[NF] = {FASTMIX_DCT8(FASTMIX_AS_DOUBLE)};
-__constant__ float kDctDevF[NF] = {FASTMIX_DCT8(FASTMIX_AS_FLOAT)};
+// static: every translation unit that includes this header (mix_fwd.cu, mix_bwd.cu) gets its own copy.
+static __constant__ double kDctDevD[NF] = {FASTMIX_DCT8(FASTMIX_AS_DOUBLE)};
+static __constant__ float kDctDevF[NF] = {FASTMIX_DCT8(FASTMIX_AS_FLOAT)};
 #endif
 inline constexpr double kDctHostD[NF] = {FASTMIX_DCT8(FASTMIX_AS_DOUBLE)};
 inline constexpr float kDctHostF[NF] = {FASTMIX_DCT8(FASTMIX_AS_FLOAT)};
@@ -586,9 +587,9 @@ struct WFreqKernel {
 };
 
 // ------------------------------------------------------------------------------------------------
-// Launchers, generic in the executor: exec(kernel, n) runs kernel(tid) for tid in [0, n) (mix.cu: a CUDA
-// launch on the current stream; tests/cuda/emulate.cpp: a CPU loop). Intermediate tensors are ATen tensors
-// on x's device, so both executors share every line below.
+// Launchers, generic in the executor: exec(kernel, n) runs kernel(tid) for tid in [0, n) (exec.cuh: a CUDA
+// launch on the current stream; tests/cuda/emulate.cpp: a CPU loop). Intermediate tensors are ATen tensors on
+// x's device, so both executors share every line below.
 // ------------------------------------------------------------------------------------------------
 
 inline Params make_params(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weight, int64_t n_kept,
