@@ -35,4 +35,19 @@ FASTMIX_HD bool sign_flip(uint32_t plane, uint32_t i, uint32_t j) {
   return (mix32(plane ^ ((i << 16) | j)) >> 31) != 0;
 }
 
+// The same bit in four fewer operations per coefficient, for kernels that hold one plane word per channel and
+// test many blocks against it: sign_flip(plane, i, j) == sign_flip_premixed(premix_plane(plane),
+// block_word(i, j)) for i, j < 2^16. mix32's first step h ^= h >> 16 distributes over the xor
+// ((plane ^ (i << 16 | j)) >> 16 = (plane >> 16) ^ i), so it splits into a per-plane and a per-block word,
+// and its last step never changes bit 31.
+FASTMIX_HD uint32_t premix_plane(uint32_t plane) { return plane ^ (plane >> 16); }
+
+FASTMIX_HD uint32_t block_word(uint32_t i, uint32_t j) { return (i << 16) | (j ^ i); }
+
+FASTMIX_HD bool sign_flip_premixed(uint32_t premixed, uint32_t block) {
+  uint32_t h = (premixed ^ block) * 0x7FEB352Du;
+  h ^= h >> 15;
+  return ((h * 0x846CA68Bu) >> 31) != 0;
+}
+
 }  // namespace fastmix

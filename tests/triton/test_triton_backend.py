@@ -361,8 +361,41 @@ def test_sign_planes_match_the_spec():
     seed, m, ch = 2**40 + 3, 5, 192
     got = sign_planes(kernel_key(seed), m, ch, "cpu").to(torch.int64) & 0xFFFFFFFF
     mm = torch.arange(m).view(m, 1)
-    want = mix32_tensor(mix32_tensor(seed_key(seed) ^ mm) ^ torch.arange(ch).view(1, ch))
-    assert torch.equal(got, want)
+    plane = mix32_tensor(mix32_tensor(seed_key(seed) ^ mm) ^ torch.arange(ch).view(1, ch))
+    assert torch.equal(got, plane ^ (plane >> 16))  # pre-mixed for _apply_sign_premixed
+
+
+if HAVE_TRITON and INTERPRET:  # a test kernel (the jit resolves the helper among this module's globals)
+    import triton
+    import triton.language as tl
+
+    from fastmix.ops._triton.sign import _apply_sign_premixed
+
+    @triton.jit
+    def _premixed_sign_kernel(pm_ptr, i_ptr, j_ptr, out_ptr, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        pm = tl.load(pm_ptr + o).to(tl.uint32, bitcast=True)
+        r = _apply_sign_premixed(tl.full([BLOCK], 1.0, tl.float32), pm, tl.load(i_ptr + o), tl.load(j_ptr + o))
+        tl.store(out_ptr + o, r)
+
+
+def test_premixed_sign_is_the_spec_bit_for_bit():
+    """_apply_sign_premixed(v, premix(plane), i, j) negates exactly where the spec's hash says, over random
+    words and block coordinates up to 2**16 - 1 (the identity the shortcut relies on needs i, j < 2**16)."""
+    from fastmix.ops.sign import mix32_tensor
+
+    g = torch.Generator().manual_seed(9)
+    n = 4096
+    plane = torch.randint(0, 2**32, (n,), generator=g, dtype=torch.int64)
+    i = torch.randint(0, 2**16, (n,), generator=g, dtype=torch.int64)
+    j = torch.randint(0, 2**16, (n,), generator=g, dtype=torch.int64)
+    i[:4], j[:4] = torch.tensor([0, 2**16 - 1, 0, 2**16 - 1]), torch.tensor([0, 0, 2**16 - 1, 2**16 - 1])
+    pm = plane ^ (plane >> 16)
+    pm32 = torch.where(pm >= 2**31, pm - 2**32, pm).to(torch.int32)
+    out = torch.empty(n)
+    _premixed_sign_kernel[(1,)](pm32, i.to(torch.int32), j.to(torch.int32), out, BLOCK=n)
+    want = 1.0 - 2.0 * (mix32_tensor(plane ^ ((i << 16) | j)) >> 31).float()
+    assert torch.equal(out, want)
 
 
 def test_frontend_nan_reaches_exactly_the_blocks_it_touches():

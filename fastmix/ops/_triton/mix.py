@@ -71,7 +71,7 @@ import triton.language as tl
 from . import CONFIG, dot_precision, interpreter_compat, tile_config
 from .dct import _cast_out, _kron8, _tile_coords, block_dct_forward, check_plane, rne_bf16
 from ..freq_mix import mix_autograd, mix_fwd_fake
-from .sign import _apply_sign, _plane_hash, kernel_key, sign_planes
+from .sign import _apply_sign, _apply_sign_premixed, _plane_hash, kernel_key, sign_planes
 
 BLOCK = 8
 FREQS = 64
@@ -459,10 +459,10 @@ def _mix_fwd_kernel(
     slot3 = tl.load(pos_ptr + c * 64 + f3)  # [1, 8, 8]
     if USE_SEED:
         if PLANES:
-            plane = tl.load(plane_ptr + m * (C * 64) + c * 64 + f3).to(tl.uint32, bitcast=True)
+            premixed = tl.load(plane_ptr + m * (C * 64) + c * 64 + f3).to(tl.uint32, bitcast=True)
+            acc = _apply_sign_premixed(acc, premixed, bi, bj)
         else:
-            plane = _plane_hash(key, m, c * 64 + f3)
-        acc = _apply_sign(acc, plane, bi, bj)
+            acc = _apply_sign(acc, _plane_hash(key, m, c * 64 + f3), bi, bj)
     optr = out_ptr + (m * n_kept + slot3) * HbWb + L
     tl.store(optr, _cast_out(acc, out_ptr, RNE_BF16), mask=lmask & (slot3 >= 0))
 

@@ -66,15 +66,33 @@ def _apply_sign(val, plane, i, j):
 
 
 @triton.jit
+def _apply_sign_premixed(val, premixed, i, j):
+    """_apply_sign(val, plane, i, j) for premixed = plane ^ (plane >> 16) (what sign_planes stores), two
+    operations shorter per coefficient: mix32's first step distributes over the xor, since
+    (plane ^ (i << 16 | j)) >> 16 = (plane >> 16) ^ i for i, j < 2**16, so it splits into the per-channel
+    word and a per-block word (i << 16) | (j ^ i) computed once per block (csrc/sign.h: sign_flip_premixed).
+    """
+    iu = i.to(tl.uint32)
+    h = premixed ^ ((iu << 16) | (j.to(tl.uint32) ^ iu))
+    h *= 0x7FEB352D
+    h ^= h >> 15
+    h *= 0x846CA68B
+    bits = val.to(tl.uint32, bitcast=True) ^ ((h >> 31) << 31)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _sign_planes_kernel(out_ptr, key, total, CH, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     plane = _plane_hash(key, offs // CH, offs % CH)
-    tl.store(out_ptr + offs, plane.to(tl.int32, bitcast=True), mask=offs < total)
+    premixed = plane ^ (plane >> 16)
+    tl.store(out_ptr + offs, premixed.to(tl.int32, bitcast=True), mask=offs < total)
 
 
 def sign_planes(key: int, m: int, channels: int, device) -> torch.Tensor:
-    """(m, channels) int32: the hash word plane(seed, m, ch) of every output row and channel (bit pattern
-    of the uint32), for kernels whose threads each need all 64 words of a channel block.
+    """(m, channels) int32: the hash word plane(seed, m, ch) of every output row and channel, pre-mixed
+    (plane ^ (plane >> 16), for _apply_sign_premixed; bit pattern of the uint32), for kernels whose threads
+    each need all 64 words of a channel block.
 
     One small launch (m * channels words: 0.4 MB at m = 512, 192 channels) on the current stream; no host
     sync, so the forward stays CUDA-graph capturable.
