@@ -6,6 +6,7 @@ run 2 in benches/results/h100 ran from the source tree with PYTHONPATH=. and too
 
     pip install --no-build-isolation --no-deps -e . && python benches/gpu_bench.py --out $OUT
     PYTHONPATH=. python benches/gpu_bench.py --budget-s 160 --no-compile-ref --out $OUT
+    bash benches/gpu_session.sh        # the build (timed, logged) and this script in one command
 
 On a machine without a GPU, ``python benches/gpu_bench.py --dry-run`` runs every code path on CPU tensors
 through Triton's interpreter (tiny shapes, wall-clock timings that mean nothing) to check the script.
@@ -392,12 +393,14 @@ def triton_sweep():
                       ("triton:loop+hash", {"fwd_static_k": False, "fwd_sign_table": False}, ("fe_fp32",)),
                       ("triton:fm_resampling", {"fwd_dct_route": "resampling"}, ("fm_image_ch",)),
                       ("triton:color_pass", {"color_pass": "triton"}, ("fe_fp32",)),
+                      ("triton:unpremixed", {"fwd_sign_premixed": False}, ("fe_fp32",)),
                       ("triton:ieee:fused_pf", {"dot_precision_fp32": "ieee", "fwd_per_freq": "fused"}, ("fm_freq",)),
                       ("triton:fwd=64x2", {"fwd_blocks": 64, "fwd_warps": 2}, ("fe_fp32",))]
     # In priority order: the budget cuts the tail (each point compiles its kernels for its checks): first
     # what no run has timed yet, then what the committed defaults were chosen against.
     pts += [
         ("triton:color_pass", {"color_pass": "triton"}, fe),  # never timed yet (predicted -0.35 ms)
+        ("triton:unpremixed", {"fwd_sign_premixed": False}, fe),  # the sign words before pre-mixing
         ("triton:unrolled+hash", {"fwd_sign_table": False}, fe),
         ("triton:dct_tf32x3", {"dot_precision_fp32_dct": "tf32x3"}, ("fm_freq",)),
         ("triton:fwd=64x2", {"fwd_blocks": 64, "fwd_warps": 2}, fe),

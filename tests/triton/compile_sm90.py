@@ -82,10 +82,12 @@ def variants(quick: bool):
             for ks, planes in (((4, True), (0, False)) if per_image else ((0, True),)):
                 v.append((f"fwd (resampling) R=3 per_image={per_image} out={odt} KS={ks} PLANES={planes}",
                           tmix._mix_fwd_kernel, dict(RA=3, RB=3, PER_IMAGE=per_image, USE_SEED=True, KS=ks,
-                                                     PLANES=planes, BL=bl), {"out_ptr": odt}, nw))
+                                                     PLANES=planes, PREMIXED=True, BL=bl), {"out_ptr": odt}, nw))
     if not quick:
         v.append(("fwd (resampling) R=5 KS=6", tmix._mix_fwd_kernel,
-                  dict(RA=5, RB=5, PER_IMAGE=True, USE_SEED=True, KS=6, PLANES=True, BL=bl), {}, nw))
+                  dict(RA=5, RB=5, PER_IMAGE=True, USE_SEED=True, KS=6, PLANES=True, PREMIXED=True, BL=bl), {}, nw))
+        v.append(("fwd (resampling) R=3 KS=4 PLANES unpremixed", tmix._mix_fwd_kernel,
+                  dict(RA=3, RB=3, PER_IMAGE=True, USE_SEED=True, KS=4, PLANES=True, PREMIXED=False, BL=bl), {}, nw))
     v.append(("ycbcr colour pass", tcolor._color_affine_kernel, dict(BP=tcolor.BLOCK_PIXELS), {}, 4))
     bl, nw = tile_config("bwd_dct", "ieee")
     for per_image in (True, False):

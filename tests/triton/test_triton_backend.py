@@ -312,12 +312,14 @@ def test_frontend_forward_and_gradients(up, hw, c, color, wkind, seed):
     assert rel_err(gw, gwr) < RTOL[torch.float32]
 
 
-@pytest.mark.parametrize("static_k,table", [(False, False), (True, False), (False, True)],
-                         ids=["loop-hash", "unrolled-hash", "loop-table"])
-def test_frontend_forward_alternative_paths(config, static_k, table):
-    """The resampling forward's partner loop (unrolled per k or a run-time loop) and sign source (a plane
-    table or hashing in the kernel) are switches the GPU benchmark times: every combination is exact."""
-    config["fwd_static_k"], config["fwd_sign_table"] = static_k, table
+@pytest.mark.parametrize("static_k,table,premixed", [(False, False, True), (True, False, True), (False, True, True),
+                                                     (True, True, False)],
+                         ids=["loop-hash", "unrolled-hash", "loop-table", "unrolled-table-unpremixed"])
+def test_frontend_forward_alternative_paths(config, static_k, table, premixed):
+    """The resampling forward's partner loop (unrolled per k or a run-time loop), sign source (a plane
+    table or hashing in the kernel) and table words (pre-mixed or not) are switches the GPU benchmark
+    times: every combination is exact."""
+    config["fwd_static_k"], config["fwd_sign_table"], config["fwd_sign_premixed"] = static_k, table, premixed
     g = _gen(23)
     x = torch.rand(3, 3, 3, 2, generator=g) * 2 - 1
     index = torch.randint(0, 3, (4, 3), generator=g)
@@ -359,9 +361,11 @@ def test_sign_planes_match_the_spec():
     from fastmix.ops.sign import mix32_tensor, seed_key
 
     seed, m, ch = 2**40 + 3, 5, 192
-    got = sign_planes(kernel_key(seed), m, ch, "cpu").to(torch.int64) & 0xFFFFFFFF
     mm = torch.arange(m).view(m, 1)
     plane = mix32_tensor(mix32_tensor(seed_key(seed) ^ mm) ^ torch.arange(ch).view(1, ch))
+    got = sign_planes(kernel_key(seed), m, ch, "cpu", premixed=False).to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(got, plane)
+    got = sign_planes(kernel_key(seed), m, ch, "cpu").to(torch.int64) & 0xFFFFFFFF
     assert torch.equal(got, plane ^ (plane >> 16))  # pre-mixed for _apply_sign_premixed
 
 

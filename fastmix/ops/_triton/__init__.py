@@ -53,6 +53,11 @@ CONFIG: dict = {
     # loop that hashes in the kernel (bf16 out: 2.19 vs 3.58 ms); op alone 2.27 ms, predicted 2.3-2.8.
     "fwd_static_k": True,
     "fwd_sign_table": True,
+    # ... and store those words pre-mixed (plane ^ (plane >> 16)), which takes 4 integer operations off
+    # each coefficient's hash for the same signs (sign.py: _apply_sign_premixed). sm_90 SASS of the kernel
+    # (R = 3, k = 4): 1,552 instructions instead of 1,672 (fp32 out), 1,480 instead of 1,616 (bf16 out).
+    # Not timed yet (gpu_bench "triton:unpremixed" is the old words); predicted a few % on the bf16 kernel.
+    "fwd_sign_premixed": True,
     # The frontend's colour pass ([-1, 1] -> level-shifted YCbCr, at source resolution, before the fused
     # kernel): "torch" (about five torch kernels; estimated most of the 0.47 ms the public frontend took
     # over its fused kernel on an H100) or "triton" (one pass: color.py; predicted 0.05 ms). Not timed on

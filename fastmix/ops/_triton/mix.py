@@ -414,7 +414,7 @@ def _mix_fwd_kernel(
     x_ptr, idx_ptr, w_ptr, pos_ptr, a_ptr, rs_ptr, b_ptr, cs_ptr, ru_ptr, cu_ptr, plane_ptr, out_ptr,
     N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key,
     RA: tl.constexpr, RB: tl.constexpr, PER_IMAGE: tl.constexpr, USE_SEED: tl.constexpr,
-    KS: tl.constexpr, PLANES: tl.constexpr, RNE_BF16: tl.constexpr, BL: tl.constexpr,
+    KS: tl.constexpr, PLANES: tl.constexpr, PREMIXED: tl.constexpr, RNE_BF16: tl.constexpr, BL: tl.constexpr,
 ):
     # One program: output m, colour c, BL blocks (consecutive along the (Hb, Wb) plane, so each channel's
     # store is a contiguous run of BL values). KS > 0: per-image weights with K == KS partners, unrolled
@@ -459,8 +459,11 @@ def _mix_fwd_kernel(
     slot3 = tl.load(pos_ptr + c * 64 + f3)  # [1, 8, 8]
     if USE_SEED:
         if PLANES:
-            premixed = tl.load(plane_ptr + m * (C * 64) + c * 64 + f3).to(tl.uint32, bitcast=True)
-            acc = _apply_sign_premixed(acc, premixed, bi, bj)
+            word = tl.load(plane_ptr + m * (C * 64) + c * 64 + f3).to(tl.uint32, bitcast=True)
+            if PREMIXED:
+                acc = _apply_sign_premixed(acc, word, bi, bj)
+            else:
+                acc = _apply_sign(acc, word, bi, bj)
         else:
             acc = _apply_sign(acc, _plane_hash(key, m, c * 64 + f3), bi, bj)
     optr = out_ptr + (m * n_kept + slot3) * HbWb + L
@@ -699,12 +702,13 @@ def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, 
         # One compiled variant per partner count (k is 1 without mixing, 2..6 for the hybrid mask).
         ks = k if per_image and CONFIG["fwd_static_k"] and k <= MAX_STATIC_K else 0
         planes = bool(use_seed) and CONFIG["fwd_sign_table"]
-        plane_t = sign_planes(key, m, c * 64, x.device) if planes else posc  # posc: an unread placeholder
+        premixed = CONFIG["fwd_sign_premixed"]
+        plane_t = sign_planes(key, m, c * 64, x.device, premixed) if planes else posc  # posc: an unread placeholder
         _mix_fwd_kernel[(m * c * n_tiles,)](
             xc, idx, w32, posc, _f32(row_mat), row_start.contiguous(), _f32(col_mat), col_start.contiguous(), ru, cu,
             plane_t, out, n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key,
             RA=row_mat.shape[2], RB=col_mat.shape[2], PER_IMAGE=per_image, USE_SEED=bool(use_seed),
-            KS=ks, PLANES=planes, RNE_BF16=rne_bf16(), BL=bl, num_warps=CONFIG["fwd_warps"],
+            KS=ks, PLANES=planes, PREMIXED=premixed, RNE_BF16=rne_bf16(), BL=bl, num_warps=CONFIG["fwd_warps"],
         )
     return out
 

@@ -82,17 +82,18 @@ def _apply_sign_premixed(val, premixed, i, j):
 
 
 @triton.jit
-def _sign_planes_kernel(out_ptr, key, total, CH, BLOCK: tl.constexpr):
+def _sign_planes_kernel(out_ptr, key, total, CH, PREMIX: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     plane = _plane_hash(key, offs // CH, offs % CH)
-    premixed = plane ^ (plane >> 16)
-    tl.store(out_ptr + offs, premixed.to(tl.int32, bitcast=True), mask=offs < total)
+    if PREMIX:
+        plane = plane ^ (plane >> 16)
+    tl.store(out_ptr + offs, plane.to(tl.int32, bitcast=True), mask=offs < total)
 
 
-def sign_planes(key: int, m: int, channels: int, device) -> torch.Tensor:
+def sign_planes(key: int, m: int, channels: int, device, premixed: bool = True) -> torch.Tensor:
     """(m, channels) int32: the hash word plane(seed, m, ch) of every output row and channel, pre-mixed
-    (plane ^ (plane >> 16), for _apply_sign_premixed; bit pattern of the uint32), for kernels whose threads
-    each need all 64 words of a channel block.
+    (plane ^ (plane >> 16), for _apply_sign_premixed) unless premixed=False (for _apply_sign); the bit
+    pattern of the uint32. For kernels whose threads each need all 64 words of a channel block.
 
     One small launch (m * channels words: 0.4 MB at m = 512, 192 channels) on the current stream; no host
     sync, so the forward stays CUDA-graph capturable.
@@ -101,5 +102,5 @@ def sign_planes(key: int, m: int, channels: int, device) -> torch.Tensor:
     total = m * channels
     if total:
         block = 1024
-        _sign_planes_kernel[(triton.cdiv(total, block),)](out, key, total, channels, BLOCK=block)
+        _sign_planes_kernel[(triton.cdiv(total, block),)](out, key, total, channels, PREMIX=premixed, BLOCK=block)
     return out
