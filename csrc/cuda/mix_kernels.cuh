@@ -20,7 +20,9 @@
 // plane, and an output channel plane is (Hb, Wb) contiguous, so each of a thread's 64 stores is coalesced
 // across the warp. The per-(m, channel) hash words of the signs come from a table (one small kernel per
 // call) instead of two mix32 rounds per coefficient in every thread, pre-mixed so that the per-coefficient
-// test is 4 operations shorter (csrc/sign.h, sign_flip_premixed).
+// test is 4 operations shorter (csrc/sign.h, sign_flip_premixed). Per-image weights on the resampling
+// geometry: the k <= 8 partners' weights and patch origins are loaded into registers first, so that the
+// pixel loads are independent of each other (the unrolled partner loop of the Triton kernel).
 //
 // Backward (per-image weights): the gradient with respect to the mixed source of output m is
 // Z_m = sum over blocks of A_I^T G B_J placed at the block's patch. Pass 1 computes it once per output
@@ -45,6 +47,7 @@ namespace gpu {
 
 constexpr int BS = 8;
 constexpr int NF = 64;
+constexpr int kMaxHoistedK = 8;  // per-image partner counts the resampling forward keeps in registers
 
 // Orthonormal 8x8 DCT-II matrix D[u][x] (fastmix.dct_matrix).
 #define FASTMIX_DCT8(V)                                                                                           \
@@ -288,11 +291,47 @@ struct FwdKernel {
     for (int f = 0; f < NF; ++f) Cf[f] = 0;
     if (p.per_image) {
       // Mix the patches, transform once (the transform is linear).
-      for (int t = 0; t < p.K; ++t) {
-        const acc_t wt = w[m * p.K + t];
-        if (wt == acc_t(0)) continue;  // padded partner: skipped
-        const int64_t n = checked_partner(idx, m * p.K + t, p.N);
-        add_patch<R>(Cf, x + ((n * p.C + c) * p.H + r0) * p.W + s0, p.W, bg.ra, bg.rb, rmask, cmask, wt);
+      if (R != BS && p.K <= kMaxHoistedK) {
+        // Resampling geometry (the frontend; k is 2..6 for the hybrid mask): weights and partner patch
+        // origins first, into registers (the slots are a compile-time array), so that the R x R x k pixel
+        // loads below do not wait on index loads in between and are all in flight together. Same sums in
+        // the same order as the loop below.
+        acc_t wt[kMaxHoistedK];
+        const in_t* base[kMaxHoistedK];
+#pragma unroll
+        for (int t = 0; t < kMaxHoistedK; ++t) {
+          wt[t] = 0;
+          base[t] = x;
+          if (t < p.K) {
+            const acc_t wv = w[m * p.K + t];
+            if (wv != acc_t(0)) {  // padded partner: skipped, its pixels never read
+              wt[t] = wv;
+              base[t] = x + ((checked_partner(idx, m * p.K + t, p.N) * p.C + c) * p.H + r0) * p.W + s0;
+            }
+          }
+        }
+#pragma unroll
+        for (int a = 0; a < BS; ++a) {
+          if (a >= bg.ra) break;
+          if (!((rmask >> a) & 1u)) continue;
+#pragma unroll
+          for (int b = 0; b < BS; ++b) {
+            if (b >= bg.rb) break;
+            if (!((cmask >> b) & 1u)) continue;
+            acc_t s = 0;
+#pragma unroll
+            for (int t = 0; t < kMaxHoistedK; ++t)
+              if (wt[t] != acc_t(0)) s += wt[t] * static_cast<acc_t>(base[t][a * p.W + b]);
+            Cf[a * BS + b] = s;
+          }
+        }
+      } else {
+        for (int t = 0; t < p.K; ++t) {
+          const acc_t wt = w[m * p.K + t];
+          if (wt == acc_t(0)) continue;  // padded partner: skipped
+          const int64_t n = checked_partner(idx, m * p.K + t, p.N);
+          add_patch<R>(Cf, x + ((n * p.C + c) * p.H + r0) * p.W + s0, p.W, bg.ra, bg.rb, rmask, cmask, wt);
+        }
       }
       forward_transform<R>(Cf, bg);
     } else {

@@ -209,3 +209,18 @@ def test_nan_gradient_reaches_what_the_cpu_backend_reaches(emu, geo, wkind):
     assert torch.isnan(cx).any() and not torch.isnan(cx).all()
     _close(gx, cx, torch.float32, "grad x with a NaN gradient")
     _close(gw, cw, torch.float32, "grad weight with a NaN gradient")
+
+
+@pytest.mark.parametrize("k", [1, 8, 10])
+def test_partner_counts_around_the_register_slots(emu, k):
+    # The resampling forward keeps up to 8 partners in registers (kMaxHoistedK) and loops beyond that.
+    args = list(_args("x8", "img", 7, False, torch.float32))
+    g = torch.Generator().manual_seed(k)
+    args[1] = torch.randint(0, 5, (4, k), generator=g)
+    args[2] = torch.randn(4, k, generator=g)
+    args[2][1, k // 2] = 0.0
+    got, want = _fwd_both(emu, tuple(args))
+    _close(got, want, torch.float32, f"forward, k = {k}")
+    (gx, gw), (cx, cw) = _bwd_both(emu, tuple(args), torch.randn(want.shape, generator=g), True, True)
+    _close(gx, cx, torch.float32, f"grad x, k = {k}")
+    _close(gw, cw, torch.float32, f"grad weight, k = {k}")
