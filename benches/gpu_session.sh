@@ -3,11 +3,13 @@
 # included): build the CUDA extension, check and time every backend with benches/gpu_bench.py, results
 # (gpu_bench.json, build.log, log.txt) under $OUT. Sized to leave room for one rerun.
 #
-#   bash benches/gpu_session.sh              # CUDA build for sm_90 + gpu_bench, 150 s of sweep
+#   bash benches/gpu_session.sh              # CUDA build for sm_90 + gpu_bench (sweep points until 240 s)
 #   NO_CUDA=1 bash benches/gpu_session.sh    # Triton only, from the source tree: no build (about 3 minutes)
 #
 # Environment: OUT (results folder; default benches/results/gpu), FASTMIX_COMMIT (recorded in the JSON: the
-# device machine's copy of the tree has no .git), BUDGET_S (sweep budget, s), FASTMIX_CUDA_ARCHS, MAX_JOBS.
+# device machine's copy of the tree has no .git), BUDGET_S (gpu_bench --budget-s, default 240: no new sweep
+# point after that many seconds of its run; run 2's default steps took about 130 s, the CUDA child adds
+# its own checks and timings), FASTMIX_CUDA_ARCHS, MAX_JOBS.
 # A failed build is reported with its log's tail and the run goes on with the Triton backend alone.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,4 +30,4 @@ else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   fi
 fi
-python3 benches/gpu_bench.py --out "$OUT" --budget-s "${BUDGET_S:-150}" --no-compile-ref 2>&1 | tee "$OUT/log.txt"
+python3 benches/gpu_bench.py --out "$OUT" --budget-s "${BUDGET_S:-240}" --no-compile-ref 2>&1 | tee "$OUT/log.txt"

@@ -131,81 +131,46 @@ struct BlockGeo {
   FASTMIX_HD acc_t b(int v, int k) const { return R == BS ? dct<acc_t>(v * BS + k) : ro(B + v * rb + k); }
 };
 
+// One separable pass over an 8x8 tile in place, the building block of both transforms below:
+//   rows:    X[r][o] = sum_{i < n_in} X[r][i] k(o, i)   for rows r < n_lines
+//   columns: X[o][c] = sum_{i < n_in} k(o, i) X[i][c]   for columns c < n_lines
+// for outputs o < n_out (0 for o >= n_out). All bounds are compile-time for R = 8 or 3, so every loop unrolls
+// into straight-line FMAs on registers.
+template <bool kRows, typename acc_t, typename Coef>
+FASTMIX_HD void separable_pass(acc_t (&X)[NF], int n_lines, int n_in, int n_out, const Coef& k) {
+#pragma unroll
+  for (int l = 0; l < BS; ++l) {
+    if (l >= n_lines) break;
+    acc_t y[BS];
+#pragma unroll
+    for (int o = 0; o < BS; ++o) {
+      acc_t s = 0;
+      if (o < n_out) {
+#pragma unroll
+        for (int i = 0; i < BS; ++i) {
+          if (i >= n_in) break;
+          s += (kRows ? X[l * BS + i] : X[i * BS + l]) * k(o, i);
+        }
+      }
+      y[o] = s;
+    }
+#pragma unroll
+    for (int o = 0; o < BS; ++o) (kRows ? X[l * BS + o] : X[o * BS + l]) = y[o];
+  }
+}
+
 // C = A_I P B_J^T in place on a 64-value tile (P[a*8+b] for a < ra, b < rb; C[u*8+v] after).
 template <int R, typename acc_t>
 FASTMIX_HD void forward_transform(acc_t (&P)[NF], const BlockGeo<R, acc_t>& bg) {
-  // Rows: T[a][v] = sum_b P[a][b] B[v][b]
-#pragma unroll
-  for (int a = 0; a < BS; ++a) {
-    if (a >= bg.ra) break;
-    acc_t row[BS];
-#pragma unroll
-    for (int v = 0; v < BS; ++v) {
-      acc_t s = 0;
-#pragma unroll
-      for (int b = 0; b < BS; ++b) {
-        if (b >= bg.rb) break;
-        s += P[a * BS + b] * bg.b(v, b);
-      }
-      row[v] = s;
-    }
-#pragma unroll
-    for (int v = 0; v < BS; ++v) P[a * BS + v] = row[v];
-  }
-  // Columns: C[u][v] = sum_a A[u][a] T[a][v]
-#pragma unroll
-  for (int v = 0; v < BS; ++v) {
-    acc_t col[BS];
-#pragma unroll
-    for (int u = 0; u < BS; ++u) {
-      acc_t s = 0;
-#pragma unroll
-      for (int a = 0; a < BS; ++a) {
-        if (a >= bg.ra) break;
-        s += bg.a(u, a) * P[a * BS + v];
-      }
-      col[u] = s;
-    }
-#pragma unroll
-    for (int u = 0; u < BS; ++u) P[u * BS + v] = col[u];
-  }
+  separable_pass<true>(P, bg.ra, bg.rb, BS, [&](int v, int b) { return bg.b(v, b); });   // T[a][v] = sum_b P[a][b] B[v][b]
+  separable_pass<false>(P, BS, bg.ra, BS, [&](int u, int a) { return bg.a(u, a); });    // C[u][v] = sum_a A[u][a] T[a][v]
 }
 
 // dP = A_I^T G B_J in place (the adjoint; for the DCT, the block inverse). dP[a*8+b], a < ra, b < rb.
 template <int R, typename acc_t>
 FASTMIX_HD void adjoint_transform(acc_t (&G)[NF], const BlockGeo<R, acc_t>& bg) {
-  // Rows: T[u][b] = sum_v G[u][v] B[v][b]
-#pragma unroll
-  for (int u = 0; u < BS; ++u) {
-    acc_t row[BS];
-#pragma unroll
-    for (int b = 0; b < BS; ++b) {
-      acc_t s = 0;
-      if (b < bg.rb) {
-#pragma unroll
-        for (int v = 0; v < BS; ++v) s += G[u * BS + v] * bg.b(v, b);
-      }
-      row[b] = s;
-    }
-#pragma unroll
-    for (int b = 0; b < BS; ++b) G[u * BS + b] = row[b];
-  }
-  // Columns: dP[a][b] = sum_u A[u][a] T[u][b]
-#pragma unroll
-  for (int b = 0; b < BS; ++b) {
-    acc_t col[BS];
-#pragma unroll
-    for (int a = 0; a < BS; ++a) {
-      acc_t s = 0;
-      if (a < bg.ra) {
-#pragma unroll
-        for (int u = 0; u < BS; ++u) s += bg.a(u, a) * G[u * BS + b];
-      }
-      col[a] = s;
-    }
-#pragma unroll
-    for (int a = 0; a < BS; ++a) G[a * BS + b] = col[a];
-  }
+  separable_pass<true>(G, BS, BS, bg.rb, [&](int b, int v) { return bg.b(v, b); });    // T[u][b] = sum_v G[u][v] B[v][b]
+  separable_pass<false>(G, BS, BS, bg.ra, [&](int a, int u) { return bg.a(u, a); });   // dP[a][b] = sum_u A[u][a] T[u][b]
 }
 
 // Bit a set: column a of the block's (8, r) matrix has a non-zero. Every block's patch has the largest
