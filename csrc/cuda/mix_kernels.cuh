@@ -3,11 +3,11 @@
 //
 // Written once for two executors. csrc/cuda/mix_fwd.cu and mix_bwd.cu launch the kernels below on the current
 // CUDA stream (exec.cuh); tests/cuda/emulate.cpp runs the same thread bodies on the CPU, one loop iteration
-// per CUDA thread, so that CI (which has no GPU) checks the kernels' indexing, masking and arithmetic against the CPU backend. To keep
-// that possible every kernel is a functor whose `operator()(tid)` is one thread: no shared memory, no
-// barriers, no atomics; each thread writes outputs no other thread writes, and reductions write per-thread
-// partial sums that ATen adds up (deterministic). What the emulation cannot check: speed, launch limits, and
-// anything the hardware adds (benches/gpu_bench.py does that on a GPU).
+// per CUDA thread, so that CI (which has no GPU) checks the kernels' indexing, masking and arithmetic
+// against the CPU backend. To keep that possible every kernel is a functor whose `operator()(tid)` is one
+// thread: no shared memory, no barriers, no atomics; each thread writes outputs no other thread writes, and
+// reductions write per-thread partial sums that ATen adds up (deterministic). What the emulation cannot
+// check: speed, launch limits, and anything the hardware adds (benches/gpu_bench.py does that on a GPU).
 //
 // Every output block (m, c, I, J) is  C = A_I @ P @ B_J^T  with P an R x R' source patch. R = 8 is the plain
 // 8x8 DCT (freq_mix; frontend with upsample = 1): the kernels then read the DCT matrix from constants. R < 8
@@ -214,6 +214,26 @@ FASTMIX_HD int64_t checked_partner(const int64_t* idx, int64_t e, int64_t N) {
   return n;
 }
 
+// Where thread tid of a one-thread-per-output-block kernel works: tid = (m*C + c)*plane + q, q = I*Wb + J;
+// with the block's geometry and the masks of the patch pixels it reads.
+template <int R, typename acc_t>
+struct OutBlock {
+  int64_t q, mc, m;
+  int c, I, J;
+  BlockGeo<R, acc_t> bg;
+  unsigned rmask, cmask;
+  FASTMIX_HD OutBlock(const Params& p, const Geo<acc_t>& g, int64_t tid)
+      : q(tid % p.plane()),
+        mc(tid / p.plane()),
+        m(mc / p.C),
+        c(static_cast<int>(mc % p.C)),
+        I(static_cast<int>(q / p.Wb)),
+        J(static_cast<int>(q % p.Wb)),
+        bg(p, g, I, J),
+        rmask(patch_mask<R>(bg.A, bg.ra)),
+        cmask(patch_mask<R>(bg.B, bg.rb)) {}
+};
+
 // ------------------------------------------------------------------------------------------------
 // Sign table: planes[m * C*64 + channel] = premix_plane(plane_hash(key, m, channel)), the word every block
 // of that output plane combines with its block_word(I, J) (csrc/sign.h: the same signs as sign_flip).
@@ -242,14 +262,9 @@ struct FwdKernel {
   out_t* __restrict__ out;
 
   FASTMIX_HD void operator()(int64_t tid) const {
-    const int64_t plane = p.plane();
-    const int64_t q = tid % plane, mc = tid / plane;
-    const int c = static_cast<int>(mc % p.C);
-    const int64_t m = mc / p.C;
-    const int I = static_cast<int>(q / p.Wb), J = static_cast<int>(q % p.Wb);
-    const BlockGeo<R, acc_t> bg(p, g, I, J);
-    const int64_t r0 = g.rstart[I], s0 = g.cstart[J];
-    const unsigned rmask = patch_mask<R>(bg.A, bg.ra), cmask = patch_mask<R>(bg.B, bg.rb);
+    const OutBlock<R, acc_t> ob(p, g, tid);
+    const auto& [q, mc, m, c, I, J, bg, rmask, cmask] = ob;
+    const int64_t plane = p.plane(), r0 = g.rstart[I], s0 = g.cstart[J];
 
     acc_t Cf[NF];
 #pragma unroll
@@ -430,13 +445,8 @@ struct AdjKernel {
   }
 
   FASTMIX_HD void operator()(int64_t tid) const {
-    const int64_t plane = p.plane();
-    const int64_t q = tid % plane, mc = tid / plane;
-    const int c = static_cast<int>(mc % p.C);
-    const int64_t m = mc / p.C;
-    const int I = static_cast<int>(q / p.Wb), J = static_cast<int>(q % p.Wb);
-    const BlockGeo<R, acc_t> bg(p, g, I, J);
-    const unsigned rmask = patch_mask<R>(bg.A, bg.ra), cmask = patch_mask<R>(bg.B, bg.rb);
+    const OutBlock<R, acc_t> ob(p, g, tid);
+    const auto& [q, mc, m, c, I, J, bg, rmask, cmask] = ob;
     acc_t G[NF];
     load_coef_grad<R>(G, p, grad, pos, planes, m, c, I, J, q);
     if (p.per_image) {
@@ -521,6 +531,14 @@ struct XKernel {
   }
 };
 
+// Thread tid of the weight-gradient kernels: lane s of `lanes`, pair e = m*K + t, colour c; tid = (e*C + c)*lanes + s.
+struct PairLane {
+  int64_t s, e, m;
+  int c;
+  FASTMIX_HD PairLane(const Params& p, int64_t lanes, int64_t tid)
+      : s(tid % lanes), e(tid / lanes / p.C), m(e / p.K), c(static_cast<int>((tid / lanes) % p.C)) {}
+};
+
 // Per-image weight gradient: grad_w[e] = <Z_m, x_n>. One thread per (e, c, lane s) sums pixels s, s + S,
 // ... (consecutive lanes read consecutive pixels); zero for a skipped (zero-weight) partner.
 template <typename in_t, typename acc_t>
@@ -534,9 +552,8 @@ struct WImageKernel {
   acc_t* __restrict__ partial;  // (M*K, C, lanes)
 
   FASTMIX_HD void operator()(int64_t tid) const {
-    const int64_t s = tid % lanes, ec = tid / lanes;
-    const int c = static_cast<int>(ec % p.C);
-    const int64_t e = ec / p.C, m = e / p.K, hw = p.hw();
+    const auto [s, e, m, c] = PairLane(p, lanes, tid);
+    const int64_t hw = p.hw();
     acc_t acc = 0;
     if (w[e] != acc_t(0)) {
       const int64_t n = checked_partner(idx, e, p.N);
@@ -564,9 +581,8 @@ struct WFreqKernel {
   acc_t* __restrict__ partial;  // (M*K, C, lanes, 64)
 
   FASTMIX_HD void operator()(int64_t tid) const {
-    const int64_t s = tid % lanes, ec = tid / lanes;
-    const int c = static_cast<int>(ec % p.C);
-    const int64_t e = ec / p.C, m = e / p.K, plane = p.plane();
+    const auto [s, e, m, c] = PairLane(p, lanes, tid);
+    const int64_t plane = p.plane();
     const acc_t* wr = w + (e * p.Cw + (p.Cw == 1 ? 0 : c)) * NF;
     const int64_t n = checked_partner(idx, e, p.N);
     acc_t acc[NF];
