@@ -22,6 +22,7 @@ import torch
 
 from fastmix.ops.freq_mix import dct_geometry, keep_positions
 from fastmix.ops.frontend import upsample_geometry
+from fastmix.ops.sign import sign_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -184,6 +185,9 @@ def test_signs_are_the_cpu_hash_bit_for_bit(emu):
     want = torch.ops.fastmix.mix_fwd(*args[:6], True, *args[7:])
     nz = plain.abs() > 1e-9
     assert torch.equal(torch.sign(signed[nz]), torch.sign(want[nz]))
+    # ... and the specification's signs (fastmix/ops/sign.py), directly: signed = plain * s.
+    spec = sign_ref(123456789, 3, 192, plain.shape[2], plain.shape[3], dtype=torch.float64)
+    assert torch.equal((torch.sign(signed) * torch.sign(plain))[nz], spec[nz])
     assert (torch.sign(signed[nz]) != torch.sign(plain[nz])).any(), "the seed flipped no sign"
 
 
