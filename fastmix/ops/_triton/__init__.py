@@ -56,7 +56,9 @@ CONFIG: dict = {
     # ... and store those words pre-mixed (plane ^ (plane >> 16)), which takes 4 integer operations off
     # each coefficient's hash for the same signs (sign.py: _apply_sign_premixed). sm_90 SASS of the kernel
     # (R = 3, k = 4): 1,552 instructions instead of 1,672 (fp32 out), 1,480 instead of 1,616 (bf16 out).
-    # Not timed yet (gpu_bench "triton:unpremixed" is the old words); predicted a few % on the bf16 kernel.
+    # Not timed yet; predicted a few % on the bf16 kernel. gpu_bench's "triton:unpremixed" keeps plain words
+    # in the table and pre-mixes them in the kernel (1,616 / 1,544 instructions: since _apply_sign calls
+    # _apply_sign_premixed, run 2's 1,672-instruction form is no longer in the tree).
     "fwd_sign_premixed": True,
     # The frontend's colour pass ([-1, 1] -> level-shifted YCbCr, at source resolution, before the fused
     # kernel): "torch" (about five torch kernels; estimated most of the 0.47 ms the public frontend took

@@ -5,7 +5,8 @@ to a logical shift, exactly the C++ twin in csrc/cpu/sign.h, so the signs are bi
 Integer literals combine with uint32 tensors as uint32 (checked in the generated TTIR: ``arith.muli`` /
 ``arith.shrui`` on i32). The per-(m, channel) word is computed once per tile of coefficients; each
 coefficient then costs one finaliser, which on the frontend's 1.2e9 coefficients per batch is as much
-integer work as the GPU's store bandwidth allows time for, hence the two shortcuts in ``_apply_sign``.
+integer work as the GPU's store bandwidth allows time for, hence the shortcuts in ``_apply_sign_premixed``
+(which ``_apply_sign`` calls too).
 """
 from __future__ import annotations
 
@@ -49,15 +50,19 @@ def _sign_flip(plane, i, j):
 
 
 @triton.jit
-def _apply_sign(val, plane, i, j):
-    """val (float32) negated where _sign_flip(plane, i, j); shapes broadcast.
+def _apply_sign_premixed(val, premixed, i, j):
+    """val (float32) negated where _sign_flip(plane, i, j), given premixed = plane ^ (plane >> 16) (what
+    sign_planes stores); shapes broadcast.
 
-    Same bits as _sign_flip, cheaper: mix32's last step (h ^= h >> 16) never changes bit 31, so it is
-    skipped, and the sign bit of the hash is xor-ed into the float's sign bit (one LOP3 instead of a
-    compare and a select). -0.0 / NaN payloads behave as a negation does.
+    Same bits as _sign_flip, cheaper: mix32's first step distributes over the xor, since
+    (plane ^ (i << 16 | j)) >> 16 = (plane >> 16) ^ i for i, j < 2**16, so it splits into the per-channel
+    word and a per-block word (i << 16) | (j ^ i) computed once per block (csrc/sign.h: sign_flip_premixed);
+    mix32's last step (h ^= h >> 16) never changes bit 31, so it is skipped; and the sign bit of the hash
+    is xor-ed into the float's sign bit (one LOP3 instead of a compare and a select). -0.0 / NaN payloads
+    behave as a negation does.
     """
-    h = plane ^ ((i.to(tl.uint32) << 16) | j.to(tl.uint32))
-    h ^= h >> 16
+    iu = i.to(tl.uint32)
+    h = premixed ^ ((iu << 16) | (j.to(tl.uint32) ^ iu))
     h *= 0x7FEB352D
     h ^= h >> 15
     h *= 0x846CA68B
@@ -66,19 +71,10 @@ def _apply_sign(val, plane, i, j):
 
 
 @triton.jit
-def _apply_sign_premixed(val, premixed, i, j):
-    """_apply_sign(val, plane, i, j) for premixed = plane ^ (plane >> 16) (what sign_planes stores), two
-    operations shorter per coefficient: mix32's first step distributes over the xor, since
-    (plane ^ (i << 16 | j)) >> 16 = (plane >> 16) ^ i for i, j < 2**16, so it splits into the per-channel
-    word and a per-block word (i << 16) | (j ^ i) computed once per block (csrc/sign.h: sign_flip_premixed).
-    """
-    iu = i.to(tl.uint32)
-    h = premixed ^ ((iu << 16) | (j.to(tl.uint32) ^ iu))
-    h *= 0x7FEB352D
-    h ^= h >> 15
-    h *= 0x846CA68B
-    bits = val.to(tl.uint32, bitcast=True) ^ ((h >> 31) << 31)
-    return bits.to(tl.float32, bitcast=True)
+def _apply_sign(val, plane, i, j):
+    """_apply_sign_premixed for a plain hash word (hashed in the kernel, or a table made with
+    premixed=False): the pre-mixing costs the per-coefficient shift and xor it saves there."""
+    return _apply_sign_premixed(val, plane ^ (plane >> 16), i, j)
 
 
 @triton.jit
