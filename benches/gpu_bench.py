@@ -393,6 +393,10 @@ def triton_sweep():
     sweep = [
         ("triton:color_pass", {"color_pass": "triton"}, fe),  # never timed yet (predicted -0.35 ms)
         ("triton:unpremixed", {"fwd_sign_premixed": False}, fe),  # the sign words before pre-mixing
+        # freq_mix: partner loads all in flight at once; programs row fastest for L2 reuse (both untimed)
+        ("triton:fm_static_k", {"fwd_dct_static_k": True}, ("fm_image",)),
+        ("triton:row_order", {"dct_order": "row"}, fm),
+        ("triton:row_order+static_k", {"dct_order": "row", "fwd_dct_static_k": True}, ("fm_image",)),
         ("triton:unrolled+hash", {"fwd_sign_table": False}, fe),
         ("triton:dct_tf32x3", {"dot_precision_fp32_dct": "tf32x3"}, ("fm_freq",)),
         ("triton:fwd=64x2", {"fwd_blocks": 64, "fwd_warps": 2}, fe),
@@ -420,7 +424,7 @@ def triton_sweep():
         dry = (("triton:atomic_bwd", ("fm_image",)), ("triton:loop+hash", ("fe_fp32",)),
                ("triton:fm_resampling", ("fm_image_ch",)), ("triton:color_pass", ("fe_fp32",)),
                ("triton:unpremixed", ("fe_fp32",)), ("triton:ieee:fused_pf", ("fm_freq",)),
-               ("triton:fwd=64x2", ("fe_fp32",)))
+               ("triton:fwd=64x2", ("fe_fp32",)), ("triton:row_order+static_k", ("fm_image_ch",)))
         return pts + [(name, overrides[name], prefixes) for name, prefixes in dry]
     return pts + sweep
 

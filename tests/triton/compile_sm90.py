@@ -74,8 +74,12 @@ def variants(quick: bool):
                 bl, nw = tile_config("fwd_dct" if per_image or coef_in else "fwd_dct_fused_pf", prec)
                 v.append((f"fwd_dct per_image={per_image} coef_in={coef_in} pixels={pixels} {prec}",
                           tmix._mix_fwd_dct_kernel,
-                          dict(PER_IMAGE=per_image, PIXELS=pixels, USE_SEED=True, COEF_IN=coef_in, BL=bl, PREC=prec),
-                          {}, nw))
+                          dict(PER_IMAGE=per_image, PIXELS=pixels, USE_SEED=True, COEF_IN=coef_in, KS=0,
+                               ROW_FASTEST=False, BL=bl, PREC=prec), {}, nw))
+    bl, nw = tile_config("fwd_dct", "tf32x3")
+    v.append(("fwd_dct per_image=True KS=6 row fastest tf32x3", tmix._mix_fwd_dct_kernel,
+              dict(PER_IMAGE=True, PIXELS=False, USE_SEED=True, COEF_IN=False, KS=6, ROW_FASTEST=True,
+                   BL=bl, PREC="tf32x3"), {}, nw))
     bl, nw = CONFIG["fwd_blocks"], CONFIG["fwd_warps"]
     for per_image in (True, False):
         for odt in ("*fp32", "*bf16"):
@@ -94,10 +98,10 @@ def variants(quick: bool):
         for need_w in (False, True):
             v.append((f"bwd_dct per_image={per_image} need_w={need_w}", tmix._mix_bwd_dct_kernel,
                       dict(PER_IMAGE=per_image, USE_SEED=True, NEED_X=True, NEED_W=need_w,
-                           BL=bl, PREC="ieee"), {}, nw))
+                           ROW_FASTEST=not need_w, BL=bl, PREC="ieee"), {}, nw))
     bl, nw = tile_config("bwd_x_atomic", "ieee")
     v.append(("bwd_x_atomic per_image", tmix._mix_bwd_x_atomic_kernel,
-              dict(PER_IMAGE=True, USE_SEED=True, BL=bl, PREC="ieee"), {}, nw))
+              dict(PER_IMAGE=True, USE_SEED=True, ROW_FASTEST=False, BL=bl, PREC="ieee"), {}, nw))
     bl, nw = CONFIG["bwd_adj_blocks"], CONFIG["bwd_adj_warps"]
     for per_image in (True, False):
         v.append((f"bwd_adj R=3 per_image={per_image}", tmix._mix_bwd_adj_kernel,

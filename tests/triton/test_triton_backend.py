@@ -204,6 +204,41 @@ def test_freq_mix_alternative_paths(config, mode):
             assert rel_err(a, b) < RTOL[torch.float32]
 
 
+@pytest.mark.parametrize("static_k,order,bwd_x", [(True, "tile", "gather"), (False, "row", "gather"),
+                                                  (True, "row", "atomic")])
+def test_freq_mix_program_order_and_static_k(config, static_k, order, bwd_x):
+    """CONFIG["fwd_dct_static_k"] (unrolled partners) and CONFIG["dct_order"] = "row" (programs row
+    fastest) in the plain-DCT kernels, on a launch of several tiles per plane (16-block tiles, 20 blocks),
+    3 colours and more rows than colours, so a wrong (row, colour, tile) decoding reads or writes the
+    wrong place; a zero-weight NaN partner must stay unread."""
+    config["fwd_dct_static_k"] = static_k
+    config["dct_order"] = order
+    config["bwd_x_mode"] = bwd_x
+    config["tiles"] = {kern: {p: (16, 4) for p in v} for kern, v in config["tiles"].items()}
+    g = _gen(15)
+    n, c, m, k = 5, 3, 7, 3
+    x = torch.randn(n, c, 32, 40, generator=g)
+    index = torch.randint(0, n, (m, k), generator=g)
+    index[0, -1] = 4
+    x[4, 1, 3, 5] = float("nan")  # read only through index[0, -1], whose weight _weights sets to zero
+    index[1:, :][index[1:, :] == 4] = 3
+    keep = [i for i in range(c * 64) if i % 64 != 0]
+    for wkind in ("image", "freq_c"):
+        wt = _weights(wkind, m, k, c, g)
+        gout = torch.randn(m, len(keep), 4, 5, generator=g, dtype=torch.float64)
+        y, gx, gw = _grads(lambda a, b: fastmix.freq_mix(a, index, b, keep=keep, seed=3), x, wt, gout)
+        yr, gxr, gwr = _grads(lambda a, b: fastmix.freq_mix_ref(a, index, b, keep=keep, seed=3), x.double(),
+                              wt.double(), gout)
+        for a, b in ((y, yr), (gx, gxr), (gw, gwr)):
+            assert rel_err(a, b) < RTOL[torch.float32]
+
+
+def test_dct_order_rejects_unknown_value(config):
+    config["dct_order"] = "column"
+    with pytest.raises(ValueError, match="dct_order"):
+        fastmix.freq_mix(torch.randn(2, 1, 8, 8), torch.tensor([[0, 1], [1, 0]]), torch.rand(2, 2))
+
+
 def test_zero_weight_skips_nan_partner():
     """A zero-weight partner is never read: its NaNs reach no output and no gradient."""
     g = _gen(13)
@@ -521,3 +556,30 @@ def test_kernels_compile_for_sm90():
     if proc.returncode != 0 and "No module named" in proc.stderr:
         pytest.skip(f"triton's compiler is not usable here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def _l2_model():
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benches", "l2_model.py")
+    spec = importlib.util.spec_from_file_location("l2_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_l2_model_of_the_program_orders():
+    """benches/l2_model.py, behind the CONFIG["dct_order"] comment: both orders visit every program once;
+    with an L2 larger than the data every image is fetched once (compulsory misses only); with a small one
+    the row-fastest order fetches fewer bytes from DRAM in the forward and the backward."""
+    lm = _l2_model()
+    for order in ("tile", "row"):
+        progs = list(lm.program_order(order, 5, 3, 4))
+        assert sorted(progs) == [(r, c, t) for r in range(5) for c in range(3) for t in range(4)]
+    n, k, h, w = 64, 6, 32, 32
+    plane = h * w * 4
+    big = {o: lm.simulate(n, 3, h, w, k, 8, 1 << 30, o) for o in ("tile", "row")}
+    for o in big:
+        assert big[o]["fwd"][1] == pytest.approx(n * 3 * plane / 1e6)
+        assert big[o]["fwd"][0] == pytest.approx(n * k * 3 * plane / 1e6)  # whole 8x8 tiles: no partial lines
+    small = {o: lm.simulate(n, 3, h, w, k, 8, 256 << 10, o) for o in ("tile", "row")}
+    assert small["row"]["fwd"][1] < 0.5 * small["tile"]["fwd"][1]
+    assert small["row"]["bwd"][1] < small["tile"]["bwd"][1]

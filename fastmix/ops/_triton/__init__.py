@@ -33,6 +33,20 @@ CONFIG: dict = {
     "dot_precision_fp32_dct": "ieee",
     # ... and for fp16 / bf16 inputs, whose own rounding (>= 4e-3) dominates tf32's.
     "dot_precision_low": "tf32",
+    # The same unrolling in the plain-DCT forward of freq_mix (per-image weights, tl.dot tile kernel): the
+    # run-time partner loop compiles (sm_90, tf32x3, BL = 32) to a round of 4 partners and a round of 2,
+    # each an index load followed by the tile loads that need it; unrolled, the 6 index loads go first
+    # and the 6 tile loads are then in flight together. Not timed yet (gpu_bench "triton:fm_static_k").
+    "fwd_dct_static_k": False,
+    # Order of the programs of the plain-DCT mix kernels (freq_mix forward, gather and atomic backward):
+    # "tile" (tile fastest: one output's, or one image's, tiles run together) or "row" (row fastest: one
+    # (colour, tile) of every output, or image, runs together). Each image is read as a partner by about k
+    # outputs (and each output gradient by k images in the backward) at the same tile, so with "row" these
+    # reads fall into the same waves of programs and hit L2. LRU model of a 50 MB L2 (benches/l2_model.py,
+    # N = 512, k = 6, 3x112x112, fp32, 32-block tiles): the forward's partner reads from DRAM 247 MB
+    # ("tile") -> 77 MB ("row"), of 519 MB requested. Not timed yet (gpu_bench "triton:row_order"). The
+    # resampling kernels (the frontend) keep tile fastest: their input is small beside their output.
+    "dct_order": "tile",
     # x gradient of the mix op: "gather" (deterministic: partners gathered through an inverse index built
     # with torch.sort / searchsorted on the device) or "atomic" (fp32 atomic adds, plain DCT geometry only:
     # reads the incoming gradient once but sums in a run-dependent order). "gather" is the default.
@@ -98,6 +112,14 @@ def dot_precision(dtype: torch.dtype, kernel: str = "mix") -> str:
     if dtype in (torch.float16, torch.bfloat16):
         return CONFIG["dot_precision_low"]
     return CONFIG["dot_precision_fp32_dct" if kernel == "dct" else "dot_precision_fp32"]
+
+
+def row_fastest() -> bool:
+    """CONFIG["dct_order"] as the kernels' ROW_FASTEST flag."""
+    order = CONFIG["dct_order"]
+    if order not in ("tile", "row"):
+        raise ValueError(f'CONFIG["dct_order"] must be "tile" or "row", got {order!r}')
+    return order == "row"
 
 
 def tile_config(kernel: str, precision: str) -> tuple[int, int]:

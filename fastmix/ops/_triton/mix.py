@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CONFIG, dot_precision, interpreter_compat, tile_config
+from . import CONFIG, dot_precision, interpreter_compat, row_fastest, tile_config
 from .dct import _cast_out, _kron8, _tile_coords, block_dct_forward, check_plane, rne_bf16
 from ..freq_mix import mix_autograd, mix_fwd_fake
 from .sign import _apply_sign, _apply_sign_premixed, _plane_hash, kernel_key, sign_planes
@@ -137,10 +137,22 @@ def _masked_if(mask, pred):
 
 
 @triton.jit
-def _program_tile(n_tiles, C):
-    """The (tile, colour, row) a program of the mix kernels works on: programs run over (row, colour, tile)
-    with the tile fastest; row (an output m, or an input image n) is int64 for the offsets built from it."""
+def _program_tile(n_tiles, C, ROWS, ROW_FASTEST: tl.constexpr):
+    """The (tile, colour, row) a program of the mix kernels works on; row (an output m, or an input image n,
+    of ROWS) is int64 for the offsets built from it.
+
+    Programs run over (row, colour, tile) with the tile fastest, or with ROW_FASTEST over (tile, colour,
+    row) with the row fastest. Rows share data: every image is a partner of about k outputs (forward) and
+    every output gradient is read by its k partners (backward), at the same tile. Row fastest puts those
+    reads into the same few waves of programs, so after the first one they hit L2 (the working set of one
+    (colour, tile) over all rows is a few MB); tile fastest spreads them over the whole launch (benches/
+    l2_model.py).
+    """
     pid = tl.program_id(0)
+    if ROW_FASTEST:
+        row = pid % ROWS
+        tc = pid // ROWS
+        return tc // C, tc % C, row.to(tl.int64)
     tile = pid % n_tiles
     rc = pid // n_tiles
     return tile, rc % C, (rc // C).to(tl.int64)
@@ -156,14 +168,15 @@ def _signed(coef, key, m, ch, bi, bj):
 @triton.jit
 def _mix_fwd_dct_kernel(
     src_ptr, idx_ptr, w_ptr, pos_ptr, a_ptr, b_ptr, out_ptr,
-    N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key,
+    N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key, M,
     PER_IMAGE: tl.constexpr, PIXELS: tl.constexpr, USE_SEED: tl.constexpr, COEF_IN: tl.constexpr,
-    RNE_BF16: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
+    KS: tl.constexpr, ROW_FASTEST: tl.constexpr, RNE_BF16: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
 ):
     # One program: output m, colour c, BL blocks. src is x (N, C, H, W), or with COEF_IN its block DCT in
     # the channel layout (N, C*64, Hb, Wb) (per-frequency weights: transforming every partner of every
     # output costs k tl.dot per tile; transforming each image once costs one extra pass over x instead).
-    tile, c, m = _program_tile(n_tiles, C)
+    # KS > 0: per-image weights with K == KS partners, unrolled (see below).
+    tile, c, m = _program_tile(n_tiles, C, M, ROW_FASTEST)
     L, lmask, bi, bj, g, poff = _tile_coords(tile, W, Wb, HbWb, BL)
     pmask = lmask[:, None]
     if COEF_IN:
@@ -174,14 +187,31 @@ def _mix_fwd_dct_kernel(
     if PER_IMAGE:
         # The transform is linear: mix the k partner tiles first, transform once.
         # Zero-weight (padded) partners are masked off, not branched around: a masked load reads no memory
-        # (and no NaN), and a loop without branches lets Triton's pipeliner keep the next partner's tile
-        # in flight while this one is accumulated.
-        for t in range(K):
-            wt = tl.load(w_ptr + m * K + t)
-            n = tl.load(idx_ptr + m * K + t)
-            live = _nonzero(wt) & (n >= 0) & (n < N)
-            v = tl.load(src_ptr + (n * C + c) * HW + soff, mask=_masked_if(pmask, live), other=0.0)
-            acc += wt * v.to(tl.float32)
+        # (and no NaN).
+        if KS > 0:
+            # Static partner count: the KS weights and partner bases first, then the KS tile loads, which
+            # no longer wait on each other's address loads, so all of them are in flight together. The
+            # run-time loop below compiles (sm_90) to rounds of 4 and then 2 partners for k = 6, each round
+            # a dependent chain index load -> tile load: two such latencies per program where one suffices.
+            ws = ()
+            srcs = ()
+            lives = ()
+            for t in tl.static_range(KS):
+                wt = tl.load(w_ptr + m * KS + t)
+                n = tl.load(idx_ptr + m * KS + t)
+                ws = ws + (wt,)
+                srcs = srcs + (src_ptr + (n * C + c) * HW,)
+                lives = lives + (_nonzero(wt) & (n >= 0) & (n < N),)
+            for t in tl.static_range(KS):
+                v = tl.load(srcs[t] + soff, mask=_masked_if(pmask, lives[t]), other=0.0)
+                acc += ws[t] * v.to(tl.float32)
+        else:
+            for t in range(K):
+                wt = tl.load(w_ptr + m * K + t)
+                n = tl.load(idx_ptr + m * K + t)
+                live = _nonzero(wt) & (n >= 0) & (n < N)
+                v = tl.load(src_ptr + (n * C + c) * HW + soff, mask=_masked_if(pmask, live), other=0.0)
+                acc += wt * v.to(tl.float32)
         if COEF_IN:
             coef = acc
         else:
@@ -214,16 +244,16 @@ def _mix_fwd_dct_kernel(
 @triton.jit
 def _mix_bwd_dct_kernel(
     grad_ptr, x_ptr, w_ptr, order_ptr, offs_ptr, pos_ptr, a_ptr, b_ptr, gx_ptr, gwp_ptr,
-    C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key,
-    PER_IMAGE: tl.constexpr, USE_SEED: tl.constexpr,
-    NEED_X: tl.constexpr, NEED_W: tl.constexpr, RNE_BF16: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
+    C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key, N,
+    PER_IMAGE: tl.constexpr, USE_SEED: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr,
+    ROW_FASTEST: tl.constexpr, RNE_BF16: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
 ):
     # One program: image n, colour c, BL blocks. Gathers the gradient of every output that reads n (pairs
     # e = m*k + t from the inverse index, in ascending e: a fixed summation order), so no two programs
     # write the same element: deterministic, no atomics. grad is in the channel layout (M, n_kept, Hb, Wb);
     # a pixels gradient is transformed to it by the launcher (a tl.dot inside this loop made the fp32
     # "ieee" product spill registers).
-    tile, c, n = _program_tile(n_tiles, C)
+    tile, c, n = _program_tile(n_tiles, C, N, ROW_FASTEST)
     L, lmask, bi, bj, g, poff = _tile_coords(tile, W, Wb, HbWb, BL)
     pmask = lmask[:, None]
     slot = tl.load(pos_ptr + c * 64 + g)
@@ -273,14 +303,14 @@ def _mix_bwd_dct_kernel(
 @triton.jit
 def _mix_bwd_x_atomic_kernel(
     grad_ptr, idx_ptr, w_ptr, pos_ptr, a_ptr, b_ptr, gx_ptr,
-    N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key,
-    PER_IMAGE: tl.constexpr, USE_SEED: tl.constexpr,
+    N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key, M,
+    PER_IMAGE: tl.constexpr, USE_SEED: tl.constexpr, ROW_FASTEST: tl.constexpr,
     BL: tl.constexpr, PREC: tl.constexpr,
 ):
     # Atomic variant of the x gradient (plain DCT geometry): one program per output m reads G_m once and
     # adds w * A^T G B into the fp32 gradient of each partner with atomics. Fewer bytes read than the
     # gather (grad once instead of k times) but the summation order varies from run to run.
-    tile, c, m = _program_tile(n_tiles, C)
+    tile, c, m = _program_tile(n_tiles, C, M, ROW_FASTEST)
     L, lmask, bi, bj, g, poff = _tile_coords(tile, W, Wb, HbWb, BL)
     pmask = lmask[:, None]
     slot = tl.load(pos_ptr + c * 64 + g)
@@ -421,7 +451,7 @@ def _mix_fwd_kernel(
     # (_mixed_patch_transform); KS == 0: a run-time loop over the K partners. PLANES: the 64 per-(m, channel)
     # hash words of this program are read from plane_ptr (sign_planes) instead of being hashed again by
     # every thread (each thread holds all 64 coefficients of its block, so each would hash all 64).
-    tile, c, m = _program_tile(n_tiles, C)
+    tile, c, m = _program_tile(n_tiles, C, 0, False)  # tile fastest: see CONFIG['dct_order']
     L, lmask, bi, bj, porg, arow, brow = _block_coords(tile, Wb, HbWb, rs_ptr, cs_ptr, W, BL)
     k8 = tl.arange(0, 8)
     f3 = k8[None, :, None] * 8 + k8[None, None, :]  # [1, 8, 8] coefficient id u*8 + v
@@ -497,7 +527,7 @@ def _mix_bwd_adj_kernel(
     # Pass 1 of the resampling backward. One program: output m, colour c, BL blocks. Reads the channel
     # gradient once (the dominant traffic of the whole backward) and writes each block's patch gradient
     # A_I^T G B_J (RA x RB values) to T[(m or m*k+t), c, a*RB + b, L] (contiguous along L).
-    tile, c, m = _program_tile(n_tiles, C)
+    tile, c, m = _program_tile(n_tiles, C, 0, False)  # tile fastest: see CONFIG['dct_order']
     L, lmask, bi, bj, porg, arow, brow = _block_coords(tile, Wb, HbWb, rs_ptr, cs_ptr, W, BL)
     k8 = tl.arange(0, 8)
     f3 = k8[None, :, None] * 8 + k8[None, None, :]
@@ -653,7 +683,7 @@ def _used_pixels(mat: torch.Tensor) -> torch.Tensor:
     return (mat != 0).any(dim=1).to(torch.int8).reshape(-1).contiguous()
 
 
-MAX_STATIC_K = 8  # partner counts up to this are unrolled in the resampling forward (fwd_static_k)
+MAX_STATIC_K = 8  # partner counts up to this are unrolled in the forward (fwd_static_k, fwd_dct_static_k)
 
 
 def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start,
@@ -689,11 +719,12 @@ def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, 
         # Per-frequency weights: transform each image once (one pass over x, written in the channel layout)
         # instead of every partner of every output (k tl.dot per tile).
         src = block_dct_forward(xc, False, channels=True, out_dtype=torch.float32) if coef_in else xc
+        ks = k if per_image and CONFIG["fwd_dct_static_k"] and k <= MAX_STATIC_K else 0
         _mix_fwd_dct_kernel[(m * c * n_tiles,)](
             src, idx, w32, posc, _f32(row_mat[0]), _f32(col_mat[0]), out,
-            n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key,
-            PER_IMAGE=per_image, PIXELS=bool(pixels), USE_SEED=bool(use_seed), COEF_IN=coef_in,
-            RNE_BF16=rne_bf16(), BL=bl, PREC=prec, num_warps=nw,
+            n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key, m,
+            PER_IMAGE=per_image, PIXELS=bool(pixels), USE_SEED=bool(use_seed), COEF_IN=coef_in, KS=ks,
+            ROW_FASTEST=row_fastest(), RNE_BF16=rne_bf16(), BL=bl, PREC=prec, num_warps=nw,
         )
     else:
         bl = CONFIG["fwd_blocks"]
@@ -783,8 +814,8 @@ def mix_backward(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, r
             gx32 = torch.zeros((n, c, h, w), dtype=torch.float32, device=x.device)
             _mix_bwd_x_atomic_kernel[(m * c * n_tiles,)](
                 gc, idx, w32, posc, a0, b0, gx32,
-                n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key,
-                PER_IMAGE=per_image, USE_SEED=bool(use_seed),
+                n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key, m,
+                PER_IMAGE=per_image, USE_SEED=bool(use_seed), ROW_FASTEST=row_fastest(),
                 BL=bl, PREC=prec, num_warps=nw,
             )
             gx.copy_(gx32)
@@ -797,9 +828,9 @@ def mix_backward(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, r
                                   dtype=torch.float32, device=x.device)
             _mix_bwd_dct_kernel[(n * c * n_tiles,)](
                 gc, xc, w32, order, offs, posc, a0, b0, gx, gwp if gwp is not None else w32,
-                c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key,
-                PER_IMAGE=per_image, USE_SEED=bool(use_seed),
-                NEED_X=bool(need_x and not atomic), NEED_W=bool(need_w), RNE_BF16=rne_bf16(),
+                c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key, n,
+                PER_IMAGE=per_image, USE_SEED=bool(use_seed), NEED_X=bool(need_x and not atomic),
+                NEED_W=bool(need_w), ROW_FASTEST=row_fastest(), RNE_BF16=rne_bf16(),
                 BL=bl, PREC=prec, num_warps=nw,
             )
     else:
