@@ -365,10 +365,12 @@ def test_frontend_forward_alternative_paths(config, static_k, table, premixed):
     assert rel_err(y, yr) < RTOL[torch.float32]
 
 
-def test_frontend_color_pass_in_one_kernel(config):
-    """CONFIG["color_pass"] = "triton": the [0, 255] scaling and YCbCr transform as one kernel (folded
-    affine map), with its gradient; the same function as the reference, forward and both gradients."""
-    config["color_pass"] = "triton"
+@pytest.mark.parametrize("color_pass", ["triton", "torch"])
+def test_frontend_color_pass(config, color_pass):
+    """CONFIG["color_pass"]: "triton" (the default) runs the [0, 255] scaling and YCbCr transform as one
+    kernel (folded affine map), with its gradient; "torch" as torch ops. Both are the reference's
+    function, forward and both gradients."""
+    config["color_pass"] = color_pass
     g = _gen(24)
     x = torch.rand(3, 3, 3, 2, generator=g) * 2 - 1
     index = torch.randint(0, 3, (4, 2), generator=g)

@@ -75,10 +75,13 @@ CONFIG: dict = {
     # _apply_sign_premixed, run 2's 1,672-instruction form is no longer in the tree).
     "fwd_sign_premixed": True,
     # The frontend's colour pass ([-1, 1] -> level-shifted YCbCr, at source resolution, before the fused
-    # kernel): "torch" (about five torch kernels; estimated most of the 0.47 ms the public frontend took
-    # over its fused kernel on an H100) or "triton" (one pass: color.py; predicted 0.05 ms). Not timed on
-    # a GPU yet: gpu_bench's "triton:color_pass".
-    "color_pass": "torch",
+    # kernel): "triton" (one pass: color.py, reads x once and writes the YCbCr planes once, 154 MB at
+    # N = 512, 3x112x112: about 0.05 ms at copy bandwidth) or "torch" (scale, shift, an einsum that copies
+    # its permuted input, the offset: about five passes, >= 770 MB; estimated most of the 0.47 ms the
+    # public frontend took over its fused kernel on an H100, run 2, which ran "torch"). "triton" is the
+    # default on that byte count alone (a fifth of the traffic, one launch instead of about six): it has
+    # not been timed on a GPU yet; gpu_bench's "triton:torch_color" times the torch pass against it.
+    "color_pass": "triton",
     # (blocks per program, warps per program) of the kernels built on tl.dot, per dot precision. Chosen
     # from the sm_90 compile reports (tests/triton/compile_sm90.py): the largest tile that compiles without
     # register spills. Triton's fp32 "ieee" dot keeps whole operand rows in registers, so it wants 8 warps
