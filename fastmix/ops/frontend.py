@@ -232,9 +232,9 @@ def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None
 
 def _color_pass(x, color, cd, backend):
     if backend == "triton" and color == "ycbcr" and cd == torch.float32:
-        from ._triton import CONFIG
+        from ._triton import option
 
-        if CONFIG["color_pass"] == "triton":
+        if option("color_pass") == "triton":
             from ._triton.color import ycbcr
 
             return ycbcr(x)

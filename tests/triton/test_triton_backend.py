@@ -233,10 +233,22 @@ def test_freq_mix_program_order_and_static_k(config, static_k, order, bwd_x):
             assert rel_err(a, b) < RTOL[torch.float32]
 
 
-def test_dct_order_rejects_unknown_value(config):
-    config["dct_order"] = "column"
-    with pytest.raises(ValueError, match="dct_order"):
-        fastmix.freq_mix(torch.randn(2, 1, 8, 8), torch.tensor([[0, 1], [1, 0]]), torch.rand(2, 2))
+@pytest.mark.parametrize("key", ["dct_order", "bwd_x_mode", "fwd_per_freq", "fwd_dct_route", "dot_precision_fp32",
+                                 "dot_precision_fp32_dct", "color_pass"])
+def test_config_rejects_unknown_mode(config, key):
+    """A misspelt CONFIG mode is an error naming the entry, not silently the other mode."""
+    config[key] = "Tile-ish"
+    g = _gen(16)
+    x = torch.rand(2, 3, 8, 8, generator=g, requires_grad=True)
+    index = torch.tensor([[0, 1], [1, 0]])
+    with pytest.raises(ValueError, match=key):
+        if key == "color_pass":
+            fastmix.frontend(x, upsample=1, index=index, weight=torch.rand(2, 2, generator=g))
+        elif key == "dot_precision_fp32_dct":
+            fastmix.block_dct(x)
+        else:
+            w = torch.rand(2, 2, 64, generator=g) if key == "fwd_per_freq" else torch.rand(2, 2, generator=g)
+            fastmix.freq_mix(x, index, w).sum().backward()
 
 
 def test_zero_weight_skips_nan_partner():

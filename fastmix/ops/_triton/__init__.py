@@ -110,19 +110,33 @@ CONFIG: dict = {
 }
 
 
+_PRECISIONS = ("ieee", "tf32x3", "tf32")
+# The values each string entry of CONFIG may take: a misspelt mode is an error, not silently the other one.
+CHOICES: dict = {
+    "dot_precision_fp32": _PRECISIONS, "dot_precision_fp32_dct": _PRECISIONS, "dot_precision_low": _PRECISIONS,
+    "dct_order": ("tile", "row"), "bwd_x_mode": ("gather", "atomic"), "fwd_per_freq": ("precompute", "fused"),
+    "fwd_dct_route": ("dot", "resampling"), "color_pass": ("triton", "torch"),
+}
+
+
+def option(key: str) -> str:
+    """CONFIG[key] for a string entry, checked against CHOICES[key]."""
+    value = CONFIG[key]
+    if value not in CHOICES[key]:
+        raise ValueError(f"fastmix.ops._triton.CONFIG[{key!r}] must be one of {CHOICES[key]}, got {value!r}")
+    return value
+
+
 def dot_precision(dtype: torch.dtype, kernel: str = "mix") -> str:
     """The tl.dot input precision for data of ``dtype`` in the mix kernels or (kernel="dct") the block DCT."""
     if dtype in (torch.float16, torch.bfloat16):
-        return CONFIG["dot_precision_low"]
-    return CONFIG["dot_precision_fp32_dct" if kernel == "dct" else "dot_precision_fp32"]
+        return option("dot_precision_low")
+    return option("dot_precision_fp32_dct" if kernel == "dct" else "dot_precision_fp32")
 
 
 def row_fastest() -> bool:
     """CONFIG["dct_order"] as the kernels' ROW_FASTEST flag."""
-    order = CONFIG["dct_order"]
-    if order not in ("tile", "row"):
-        raise ValueError(f'CONFIG["dct_order"] must be "tile" or "row", got {order!r}')
-    return order == "row"
+    return option("dct_order") == "row"
 
 
 def tile_config(kernel: str, precision: str) -> tuple[int, int]:

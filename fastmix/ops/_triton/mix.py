@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CONFIG, dot_precision, interpreter_compat, row_fastest, tile_config
+from . import CONFIG, dot_precision, interpreter_compat, option, row_fastest, tile_config
 from .dct import _cast_out, _kron8, _tile_coords, block_dct_forward, check_plane, rne_bf16
 from ..freq_mix import mix_autograd, mix_fwd_fake
 from .sign import _apply_sign, _apply_sign_premixed, _plane_hash, kernel_key, sign_planes
@@ -709,10 +709,10 @@ def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, 
     xc = x.contiguous()
     # freq_mix with per-image weights and a channels output can also run on the resampling kernel (its
     # geometry is then A_I = B_J = D, R = 8): one block per thread, the transform as FMAs in registers.
-    route_dot = not (CONFIG["fwd_dct_route"] == "resampling" and per_image and not pixels)
+    route_dot = not (option("fwd_dct_route") == "resampling" and per_image and not pixels)
     if dct and route_dot:
         prec = dot_precision(x.dtype)
-        coef_in = (not per_image) and CONFIG["fwd_per_freq"] == "precompute"
+        coef_in = (not per_image) and option("fwd_per_freq") == "precompute"
         fused_pf = not per_image and not coef_in
         bl, nw = tile_config("fwd_dct_fused_pf" if fused_pf else "fwd_dct", prec)
         n_tiles = triton.cdiv(hb * wb, bl)
@@ -807,7 +807,7 @@ def mix_backward(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, r
             ids = torch.arange(c * FREQS, dtype=torch.int32, device=x.device)
             posc = torch.where(posc >= 0, ids, torch.full_like(ids, -1))
             n_kept = c * FREQS
-        atomic = need_x and CONFIG["bwd_x_mode"] == "atomic"
+        atomic = need_x and option("bwd_x_mode") == "atomic"
         if atomic:
             bl, nw = tile_config("bwd_x_atomic", prec)
             n_tiles = triton.cdiv(hb * wb, bl)
