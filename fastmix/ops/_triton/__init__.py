@@ -33,7 +33,7 @@ CONFIG: dict = {
     "dot_precision_fp32_dct": "ieee",
     # ... and for fp16 / bf16 inputs, whose own rounding (>= 4e-3) dominates tf32's.
     "dot_precision_low": "tf32",
-    # The same unrolling in the plain-DCT forward of freq_mix (per-image weights, tl.dot tile kernel): the
+    # fwd_static_k (below) for the plain-DCT forward of freq_mix (per-image weights, tl.dot tile kernel): the
     # run-time partner loop compiles (sm_90, tf32x3, BL = 32) to a round of 4 partners and a round of 2,
     # each an index load followed by the tile loads that need it; unrolled, the 6 index loads go first
     # and the 6 tile loads are then in flight together. Not timed yet (gpu_bench "triton:fm_static_k").
