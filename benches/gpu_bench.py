@@ -397,6 +397,8 @@ def triton_sweep():
         ("triton:fm_static_k", {"fwd_dct_static_k": True}, ("fm_image",)),
         ("triton:row_order", {"dct_order": "row"}, fm),
         ("triton:row_order+static_k", {"dct_order": "row", "fwd_dct_static_k": True}, ("fm_image",)),
+        ("triton:gather_chunk4", {"bwd_gather_chunk": 4}, fm),  # the backward's pairs 4 at a time (untimed)
+        ("triton:gather_chunk2", {"bwd_gather_chunk": 2}, fm),
         ("triton:unrolled+hash", {"fwd_sign_table": False}, fe),
         ("triton:dct_tf32x3", {"dot_precision_fp32_dct": "tf32x3"}, ("fm_freq",)),
         ("triton:fwd=64x2", {"fwd_blocks": 64, "fwd_warps": 2}, fe),
@@ -424,7 +426,8 @@ def triton_sweep():
         dry = (("triton:atomic_bwd", ("fm_image",)), ("triton:loop+hash", ("fe_fp32",)),
                ("triton:fm_resampling", ("fm_image_ch",)), ("triton:torch_color", ("fe_fp32",)),
                ("triton:unpremixed", ("fe_fp32",)), ("triton:ieee:fused_pf", ("fm_freq",)),
-               ("triton:fwd=64x2", ("fe_fp32",)), ("triton:row_order+static_k", ("fm_image_ch",)))
+               ("triton:fwd=64x2", ("fe_fp32",)), ("triton:row_order+static_k", ("fm_image_ch",)),
+               ("triton:gather_chunk4", ("fm_freq_px",)))
         return pts + [(name, overrides[name], prefixes) for name, prefixes in dry]
     return pts + sweep
 

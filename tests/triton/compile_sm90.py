@@ -98,7 +98,12 @@ def variants(quick: bool):
         for need_w in (False, True):
             v.append((f"bwd_dct per_image={per_image} need_w={need_w}", tmix._mix_bwd_dct_kernel,
                       dict(PER_IMAGE=per_image, USE_SEED=True, NEED_X=True, NEED_W=need_w,
-                           ROW_FASTEST=not need_w, BL=bl, PREC="ieee"), {}, nw))
+                           ROW_FASTEST=not need_w, CHUNK=0, BL=bl, PREC="ieee"), {}, nw))
+    bl, nw = tile_config("bwd_dct", "tf32x3")
+    for need_w in (False, True):
+        v.append((f"bwd_dct per_image=True need_w={need_w} CHUNK=4 tf32x3", tmix._mix_bwd_dct_kernel,
+                  dict(PER_IMAGE=True, USE_SEED=True, NEED_X=True, NEED_W=need_w, ROW_FASTEST=False, CHUNK=4,
+                       BL=bl, PREC="tf32x3"), {}, nw))
     bl, nw = tile_config("bwd_x_atomic", "ieee")
     v.append(("bwd_x_atomic per_image", tmix._mix_bwd_x_atomic_kernel,
               dict(PER_IMAGE=True, USE_SEED=True, ROW_FASTEST=False, BL=bl, PREC="ieee"), {}, nw))

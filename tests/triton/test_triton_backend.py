@@ -204,16 +204,18 @@ def test_freq_mix_alternative_paths(config, mode):
             assert rel_err(a, b) < RTOL[torch.float32]
 
 
-@pytest.mark.parametrize("static_k,order,bwd_x", [(True, "tile", "gather"), (False, "row", "gather"),
-                                                  (True, "row", "atomic")])
-def test_freq_mix_program_order_and_static_k(config, static_k, order, bwd_x):
-    """CONFIG["fwd_dct_static_k"] (unrolled partners) and CONFIG["dct_order"] = "row" (programs row
-    fastest) in the plain-DCT kernels, on a launch of several tiles per plane (16-block tiles, 20 blocks),
-    3 colours and more rows than colours, so a wrong (row, colour, tile) decoding reads or writes the
-    wrong place; a zero-weight NaN partner must stay unread."""
+@pytest.mark.parametrize("static_k,order,bwd_x,chunk", [(True, "tile", "gather", 0), (False, "row", "gather", 4),
+                                                        (True, "row", "atomic", 0), (False, "tile", "gather", 2)])
+def test_freq_mix_program_order_and_static_k(config, static_k, order, bwd_x, chunk):
+    """CONFIG["fwd_dct_static_k"] (unrolled partners), CONFIG["dct_order"] = "row" (programs row fastest)
+    and CONFIG["bwd_gather_chunk"] (the gather's pairs in chunks) in the plain-DCT kernels, on a launch of
+    several tiles per plane (16-block tiles, 20 blocks), 3 colours and more rows than colours, so a wrong
+    (row, colour, tile) decoding reads or writes the wrong place; images are used by 1 to 7 pairs, so
+    chunks end part-full; a zero-weight NaN partner must stay unread."""
     config["fwd_dct_static_k"] = static_k
     config["dct_order"] = order
     config["bwd_x_mode"] = bwd_x
+    config["bwd_gather_chunk"] = chunk
     config["tiles"] = {kern: {p: (16, 4) for p in v} for kern, v in config["tiles"].items()}
     g = _gen(15)
     n, c, m, k = 5, 3, 7, 3
@@ -231,6 +233,11 @@ def test_freq_mix_program_order_and_static_k(config, static_k, order, bwd_x):
                               wt.double(), gout)
         for a, b in ((y, yr), (gx, gxr), (gw, gwr)):
             assert rel_err(a, b) < RTOL[torch.float32]
+        if chunk and bwd_x == "gather":  # chunks sum in the same order as the one-pair loop: the same values
+            config["bwd_gather_chunk"] = 0
+            _, gx0, gw0 = _grads(lambda a, b: fastmix.freq_mix(a, index, b, keep=keep, seed=3), x, wt, gout)
+            config["bwd_gather_chunk"] = chunk
+            assert torch.equal(gx, gx0) and torch.equal(gw, gw0)
 
 
 @pytest.mark.parametrize("key", ["dct_order", "bwd_x_mode", "fwd_per_freq", "fwd_dct_route", "dot_precision_fp32",

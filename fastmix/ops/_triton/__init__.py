@@ -51,6 +51,15 @@ CONFIG: dict = {
     # with torch.sort / searchsorted on the device) or "atomic" (fp32 atomic adds, plain DCT geometry only:
     # reads the incoming gradient once but sums in a run-dependent order). "gather" is the default.
     "bwd_x_mode": "gather",
+    # The gather's pairs (plain DCT geometry) one at a time (0) or CHUNK at a time (> 0): the chunk's order
+    # entries, then all its weights and gradient tiles, then the sums in the same ascending order (the same
+    # bits, up to the sign of zero). A plain loop is a dependent chain of loads per pair (order entry ->
+    # weight -> gradient tile, the tile masked by the weight): about 3k memory round trips per program, one
+    # after another; CHUNK = 4 makes it 3 per chunk (sm_90, tf32x3, BL = 32: 98 registers instead of 88 for
+    # the x gradient, 147 instead of 128 with the weight gradient). tl.range(num_stages=3) was tried
+    # instead: Triton pipelined only the order entries (24 bytes of shared memory), not the tiles.
+    # Not timed yet (gpu_bench "triton:gather_chunk2" / "triton:gather_chunk4").
+    "bwd_gather_chunk": 0,
     # freq_mix with per-frequency weights (plain DCT geometry): "precompute" transforms each image once
     # (one extra pass over x, no tl.dot in the mix) or "fused" transforms every partner tile of every output
     # (k tl.dot per tile, fewer bytes: pays only where the dot is cheap, e.g. with "tf32x3").

@@ -242,11 +242,52 @@ def _mix_fwd_dct_kernel(
 
 
 @triton.jit
+def _gather_pair_load(grad_ptr, w_ptr, e, ok, K, CW, cw, n_kept, HbWb, slot, L, tmask, g, PER_IMAGE: tl.constexpr):
+    """Pair e = m*k + t of the gather backward (ok: a real pair, not the tail of a chunk): its weight (scalar,
+    or the [64] row of per-frequency weights), whether it is live (non-zero weight) and output m's gradient
+    tile in the channel layout, masked by keep (tmask); a zero-weight pair is masked off (no read; its
+    gradient terms are exact zeros), as in the forward."""
+    m = e // K
+    if PER_IMAGE:
+        w = tl.load(w_ptr + e, mask=ok, other=0.0)
+        live = _nonzero(w)
+    else:
+        w = tl.load(w_ptr + (e * CW + cw) * 64 + g, mask=ok, other=0.0)
+        live = tl.max((w != 0).to(tl.int32), axis=0) > 0
+    gptr = grad_ptr + (m * n_kept + slot[None, :]) * HbWb + L[:, None]
+    gm = tl.load(gptr, mask=_masked_if(tmask, live), other=0.0).to(tl.float32)
+    return w, live, gm
+
+
+@triton.jit
+def _gather_pair_sum(gs, gm, w, live, ok, e, xc, gwp_ptr, key, K, C, c, g, bi, bj, tile, n_tiles,
+                     PER_IMAGE: tl.constexpr, USE_SEED: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr):
+    """Adds pair e's term to the x-gradient tile gs (returned) and stores its weight-gradient partial."""
+    if USE_SEED:
+        gm = _signed(gm, key, e // K, c * 64 + g, bi, bj)
+    if PER_IMAGE:
+        if NEED_X:
+            gs += w * gm
+        if NEED_W:
+            # zero weight: exactly zero gradient, even where x_n holds NaN (0 * NaN would leak)
+            part = tl.sum(tl.sum(gm * xc, axis=1), axis=0)
+            tl.store(gwp_ptr + (e * C + c) * n_tiles + tile, tl.where(live, part, 0.0), mask=ok)
+    else:
+        nz = w[None, :] != 0
+        if NEED_X:
+            gs += tl.where(nz, w[None, :] * gm, 0.0)
+        if NEED_W:
+            part = tl.sum(tl.where(nz, gm * xc, 0.0), axis=0)  # [64]
+            tl.store(gwp_ptr + ((e * C + c) * n_tiles + tile) * 64 + g, part, mask=ok)
+    return gs
+
+
+@triton.jit
 def _mix_bwd_dct_kernel(
     grad_ptr, x_ptr, w_ptr, order_ptr, offs_ptr, pos_ptr, a_ptr, b_ptr, gx_ptr, gwp_ptr,
     C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key, N,
     PER_IMAGE: tl.constexpr, USE_SEED: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr,
-    ROW_FASTEST: tl.constexpr, RNE_BF16: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
+    ROW_FASTEST: tl.constexpr, CHUNK: tl.constexpr, RNE_BF16: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
 ):
     # One program: image n, colour c, BL blocks. Gathers the gradient of every output that reads n (pairs
     # e = m*k + t from the inverse index, in ascending e: a fixed summation order), so no two programs
@@ -262,39 +303,44 @@ def _mix_bwd_dct_kernel(
         # d loss / d w[m, t] = <G_m, DCT(x_n)> over the blocks: transform this tile of x_n once.
         xt = tl.load(x_ptr + (n * C + c) * HW + poff, mask=pmask, other=0.0).to(tl.float32)
         xc = tl.dot(xt, _kron8(a_ptr, b_ptr, True), input_precision=PREC)
+    else:
+        xc = 0.0  # never read without NEED_W
     cw = tl.where(CW == 1, 0, c)
     gs = tl.zeros([BL, 64], dtype=tl.float32)
     q0 = tl.load(offs_ptr + n)
     q1 = tl.load(offs_ptr + n + 1)
-    for q in range(q0, q1):
-        e = tl.load(order_ptr + q)
-        m = e // K
-        if PER_IMAGE:
-            wt = tl.load(w_ptr + e)
-            live = _nonzero(wt)
-        else:
-            wr = tl.load(w_ptr + (e * CW + cw) * 64 + g)
-            live = tl.max((wr != 0).to(tl.int32), axis=0) > 0
-        # Gradient w.r.t. output m's coefficients at this tile: masked by keep, signed. A zero-weight pair is
-        # masked off (no read; its gradient terms are exact zeros), as in the forward.
-        gptr = grad_ptr + (m * n_kept + slot[None, :]) * HbWb + L[:, None]
-        gm = tl.load(gptr, mask=_masked_if(pmask & keep, live), other=0.0).to(tl.float32)
-        if USE_SEED:
-            gm = _signed(gm, key, m, c * 64 + g, bi, bj)
-        if PER_IMAGE:
-            if NEED_X:
-                gs += wt * gm
-            if NEED_W:
-                # zero weight: exactly zero gradient, even where x_n holds NaN (0 * NaN would leak)
-                part = tl.sum(tl.sum(gm * xc, axis=1), axis=0)
-                tl.store(gwp_ptr + (e * C + c) * n_tiles + tile, tl.where(live, part, 0.0))
-        else:
-            nz = wr[None, :] != 0
-            if NEED_X:
-                gs += tl.where(nz, wr[None, :] * gm, 0.0)
-            if NEED_W:
-                part = tl.sum(tl.where(nz, gm * xc, 0.0), axis=0)  # [64]
-                tl.store(gwp_ptr + ((e * C + c) * n_tiles + tile) * 64 + g, part)
+    if CHUNK > 0:
+        # CHUNK pairs at a time, each phase for all of them before the next: their order entries, then their
+        # weights and gradient tiles (in flight together), then the sums in ascending e as the loop below.
+        # That loop is a dependent chain per pair (sm_90 SASS: order entry -> weight -> gradient tile, whose
+        # mask is the weight's), about 3k memory round trips per program; a chunk takes 3. The stores of the
+        # weight-gradient partials would also keep the compiler from moving later pairs' loads above them.
+        for q in range(q0, q1, CHUNK):
+            es = ()
+            oks = ()
+            for u in tl.static_range(CHUNK):
+                ok = q + u < q1
+                es = es + (tl.load(order_ptr + q + u, mask=ok, other=0),)
+                oks = oks + (ok,)
+            ws = ()
+            lives = ()
+            gms = ()
+            for u in tl.static_range(CHUNK):
+                w, live, gm = _gather_pair_load(grad_ptr, w_ptr, es[u], oks[u], K, CW, cw, n_kept, HbWb, slot, L,
+                                                pmask & keep, g, PER_IMAGE)
+                ws = ws + (w,)
+                lives = lives + (live,)
+                gms = gms + (gm,)
+            for u in tl.static_range(CHUNK):
+                gs = _gather_pair_sum(gs, gms[u], ws[u], lives[u], oks[u], es[u], xc, gwp_ptr, key, K, C, c, g, bi,
+                                      bj, tile, n_tiles, PER_IMAGE, USE_SEED, NEED_X, NEED_W)
+    else:
+        for q in range(q0, q1):
+            e = tl.load(order_ptr + q)
+            w, live, gm = _gather_pair_load(grad_ptr, w_ptr, e, True, K, CW, cw, n_kept, HbWb, slot, L, pmask & keep,
+                                            g, PER_IMAGE)
+            gs = _gather_pair_sum(gs, gm, w, live, True, e, xc, gwp_ptr, key, K, C, c, g, bi, bj, tile, n_tiles,
+                                  PER_IMAGE, USE_SEED, NEED_X, NEED_W)
     if NEED_X:
         dx = tl.dot(gs, _kron8(a_ptr, b_ptr, False), input_precision=PREC)
         tl.store(gx_ptr + (n * C + c) * HW + poff, _cast_out(dx, gx_ptr, RNE_BF16), mask=pmask)
@@ -830,7 +876,7 @@ def mix_backward(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, r
                 gc, xc, w32, order, offs, posc, a0, b0, gx, gwp if gwp is not None else w32,
                 c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key, n,
                 PER_IMAGE=per_image, USE_SEED=bool(use_seed), NEED_X=bool(need_x and not atomic),
-                NEED_W=bool(need_w), ROW_FASTEST=row_fastest(), RNE_BF16=rne_bf16(),
+                NEED_W=bool(need_w), ROW_FASTEST=row_fastest(), CHUNK=CONFIG["bwd_gather_chunk"], RNE_BF16=rne_bf16(),
                 BL=bl, PREC=prec, num_warps=nw,
             )
     else:
