@@ -393,10 +393,11 @@ def triton_sweep():
     sweep = [
         ("triton:torch_color", {"color_pass": "torch"}, fe),  # run 2's colour pass (default since: predicted -0.35 ms)
         ("triton:unpremixed", {"fwd_sign_premixed": False}, fe),  # the sign words before pre-mixing
-        # freq_mix: partner loads all in flight at once; programs row fastest for L2 reuse (both untimed)
+        # freq_mix: partner loads all in flight at once; programs row fastest for L2 reuse; the gather's pairs
+        # in chunks (all untimed): all three first (the candidate default), then each alone
+        ("triton:fm_combined", {"fwd_dct_static_k": True, "dct_order": "row", "bwd_gather_chunk": 4}, fm),
         ("triton:fm_static_k", {"fwd_dct_static_k": True}, ("fm_image",)),
         ("triton:row_order", {"dct_order": "row"}, fm),
-        ("triton:row_order+static_k", {"dct_order": "row", "fwd_dct_static_k": True}, ("fm_image",)),
         ("triton:gather_chunk4", {"bwd_gather_chunk": 4}, fm),  # the backward's pairs 4 at a time (untimed)
         ("triton:gather_chunk2", {"bwd_gather_chunk": 2}, fm),
         ("triton:unrolled+hash", {"fwd_sign_table": False}, fe),
@@ -426,7 +427,7 @@ def triton_sweep():
         dry = (("triton:atomic_bwd", ("fm_image",)), ("triton:loop+hash", ("fe_fp32",)),
                ("triton:fm_resampling", ("fm_image_ch",)), ("triton:torch_color", ("fe_fp32",)),
                ("triton:unpremixed", ("fe_fp32",)), ("triton:ieee:fused_pf", ("fm_freq",)),
-               ("triton:fwd=64x2", ("fe_fp32",)), ("triton:row_order+static_k", ("fm_image_ch",)),
+               ("triton:fwd=64x2", ("fe_fp32",)), ("triton:fm_combined", ("fm_image_ch",)),
                ("triton:gather_chunk4", ("fm_freq_px",)))
         return pts + [(name, overrides[name], prefixes) for name, prefixes in dry]
     return pts + sweep
