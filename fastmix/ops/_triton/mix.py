@@ -166,6 +166,23 @@ def _signed(coef, key, m, ch, bi, bj):
 
 
 @triton.jit
+def _static_partners(src_ptr, idx_ptr, w_ptr, m, c, N, C, HW, KS: tl.constexpr):
+    """The KS partners of output m as tuples: weights, plane base pointers (colour c) and liveness (non-zero
+    weight, index in range). Loaded before any pixel, so the pixel loads that follow wait on none of them
+    in turn (a run-time partner loop chains index load -> pixel load per partner)."""
+    ws = ()
+    planes = ()
+    lives = ()
+    for t in tl.static_range(KS):
+        wt = tl.load(w_ptr + m * KS + t)
+        n = tl.load(idx_ptr + m * KS + t)
+        ws = ws + (wt,)
+        planes = planes + (src_ptr + (n * C + c) * HW,)
+        lives = lives + (_nonzero(wt) & (n >= 0) & (n < N),)
+    return ws, planes, lives
+
+
+@triton.jit
 def _mix_fwd_dct_kernel(
     src_ptr, idx_ptr, w_ptr, pos_ptr, a_ptr, b_ptr, out_ptr,
     N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key, M,
@@ -193,15 +210,7 @@ def _mix_fwd_dct_kernel(
             # no longer wait on each other's address loads, so all of them are in flight together. The
             # run-time loop below compiles (sm_90) to rounds of 4 and then 2 partners for k = 6, each round
             # a dependent chain index load -> tile load: two such latencies per program where one suffices.
-            ws = ()
-            srcs = ()
-            lives = ()
-            for t in tl.static_range(KS):
-                wt = tl.load(w_ptr + m * KS + t)
-                n = tl.load(idx_ptr + m * KS + t)
-                ws = ws + (wt,)
-                srcs = srcs + (src_ptr + (n * C + c) * HW,)
-                lives = lives + (_nonzero(wt) & (n >= 0) & (n < N),)
+            ws, srcs, lives = _static_partners(src_ptr, idx_ptr, w_ptr, m, c, N, C, HW, KS)
             for t in tl.static_range(KS):
                 v = tl.load(srcs[t] + soff, mask=_masked_if(pmask, lives[t]), other=0.0)
                 acc += ws[t] * v.to(tl.float32)
@@ -309,6 +318,7 @@ def _mix_bwd_dct_kernel(
     gs = tl.zeros([BL, 64], dtype=tl.float32)
     q0 = tl.load(offs_ptr + n)
     q1 = tl.load(offs_ptr + n + 1)
+    tmask = pmask & keep
     if CHUNK > 0:
         # CHUNK pairs at a time, each phase for all of them before the next: their order entries, then their
         # weights and gradient tiles (in flight together), then the sums in ascending e as the loop below.
@@ -327,7 +337,7 @@ def _mix_bwd_dct_kernel(
             gms = ()
             for u in tl.static_range(CHUNK):
                 w, live, gm = _gather_pair_load(grad_ptr, w_ptr, es[u], oks[u], K, CW, cw, n_kept, HbWb, slot, L,
-                                                pmask & keep, g, PER_IMAGE)
+                                                tmask, g, PER_IMAGE)
                 ws = ws + (w,)
                 lives = lives + (live,)
                 gms = gms + (gm,)
@@ -337,8 +347,8 @@ def _mix_bwd_dct_kernel(
     else:
         for q in range(q0, q1):
             e = tl.load(order_ptr + q)
-            w, live, gm = _gather_pair_load(grad_ptr, w_ptr, e, True, K, CW, cw, n_kept, HbWb, slot, L, pmask & keep,
-                                            g, PER_IMAGE)
+            w, live, gm = _gather_pair_load(grad_ptr, w_ptr, e, True, K, CW, cw, n_kept, HbWb, slot, L, tmask, g,
+                                            PER_IMAGE)
             gs = _gather_pair_sum(gs, gm, w, live, True, e, xc, gwp_ptr, key, K, C, c, g, bi, bj, tile, n_tiles,
                                   PER_IMAGE, USE_SEED, NEED_X, NEED_W)
     if NEED_X:
@@ -453,15 +463,7 @@ def _mixed_patch_transform(x_ptr, idx_ptr, w_ptr, m, c, N, C, HW, W, porg, lmask
     RA * RB * KS pixel loads are then independent of each other (no load -> address -> load chains as in a
     run-time partner loop), so they are all in flight together.
     """
-    ws = ()
-    bases = ()
-    lives = ()
-    for t in tl.static_range(KS):
-        wt = tl.load(w_ptr + m * KS + t)
-        n = tl.load(idx_ptr + m * KS + t)
-        lives = lives + (_nonzero(wt) & (n >= 0) & (n < N),)
-        ws = ws + (wt,)
-        bases = bases + (x_ptr + (n * C + c) * HW + porg,)
+    ws, planes, lives = _static_partners(x_ptr, idx_ptr, w_ptr, m, c, N, C, HW, KS)
     ua = ()
     for a in tl.static_range(RA):
         ua = ua + (tl.load(ru_ptr + bi * RA + a, mask=lmask, other=0) != 0,)
@@ -477,7 +479,7 @@ def _mixed_patch_transform(x_ptr, idx_ptr, w_ptr, m, c, N, C, HW, W, porg, lmask
             used = lmask & ua[a] & ubs[b]
             p = tl.zeros([BL, 1, 1], dtype=tl.float32)
             for t in tl.static_range(KS):
-                v = tl.load(bases[t] + (a * W + b), mask=_masked_if(used, lives[t]), other=0.0)
+                v = tl.load(planes[t] + porg + (a * W + b), mask=_masked_if(used, lives[t]), other=0.0)
                 p += ws[t] * v.to(tl.float32)
             ta += p * bbs[b]
         aa = tl.load(a_ptr + arow * RA + a, mask=lmask, other=0.0)  # [BL, 8, 1] A[I, u, a]
