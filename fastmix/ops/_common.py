@@ -70,6 +70,8 @@ def wants_index_check(index: torch.Tensor) -> bool:
     """Whether check_index may read ``index`` back (see set_index_checks)."""
     if index.device.type == "cpu":
         return True
+    if index.device.type == "meta":  # shapes only (shape propagation, FLOP counting): no values to read
+        return False
     if not _INDEX_CHECKS["device"]:
         return False
     return not (index.device.type == "cuda" and torch.cuda.is_current_stream_capturing())

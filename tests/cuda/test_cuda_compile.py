@@ -25,8 +25,9 @@ def _nvcc():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("source", [os.path.basename(s) for s in SOURCES])
-def test_cuda_source_compiles(source, tmp_path):
+def test_cuda_source_compiles(source, arch, tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the CUDA sources cannot be compiled on this machine")
@@ -36,7 +37,7 @@ def test_cuda_source_compiles(source, tmp_path):
     shim.mkdir(parents=True)
     (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     cmd = [nvcc, "-c", os.path.join(ROOT, "csrc", "cuda", source), "-o", str(tmp_path / "out.o"), "-std=c++17",
-           "-O1", "-gencode", "arch=compute_90,code=sm_90", f"-I{tmp_path / 'shim'}",
+           "-O1", "-gencode", f"arch=compute_{arch},code=sm_{arch}", f"-I{tmp_path / 'shim'}",
            f"-I{sysconfig.get_paths()['include']}", "-DTORCH_EXTENSION_NAME=_C_cuda", "-D_GLIBCXX_USE_CXX11_ABI=1"]
     cmd += [f"-I{p}" for p in include_paths()]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -2,13 +2,15 @@
 
     python tests/triton/compile_sm90.py            # every variant: registers, spill stack, shared memory
     python tests/triton/compile_sm90.py --quick    # the variants the GPU benchmark times
+    python tests/triton/compile_sm90.py --arch 80  # the same for Ampere (A100): mma.sync instead of wgmma
 
 Triton's interpreter (TRITON_INTERPRET=1) checks what the kernels compute; it does not check that they
 compile: the interpreter accepts Python that the compiler rejects, and says nothing about register spills.
 This script runs the real compiler pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin through the ptxas that
 ships with Triton) for an sm_90 target, which needs no driver, with the launch signatures the launchers
 use (pointer and multiple-of-16 integer arguments marked divisible by 16, as Triton specialises them at
-launch). Exit status 1 if a variant fails to compile or spills (a stack frame in the resource report).
+launch). Exit status 1 if a variant fails to compile, spills (a stack frame in the resource report) or
+needs more shared memory than one block may have on that architecture (the launch would fail there).
 Must run WITHOUT TRITON_INTERPRET=1 (under the interpreter, @triton.jit gives no compilable function).
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ PTR_TYPES = {
 }
 # Integer arguments that are multiples of 16 at the issue's shapes (112 x 112 faces, 14 x 14 or 112 x 112 blocks).
 DIV16 = {"HW", "W", "H", "HbWb"}
+# Largest shared memory one block may use (opt-in), bytes: CUDA programming guide, compute capabilities.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def _signature(fn, consts, dtypes):
@@ -149,6 +153,7 @@ def resources(compiled):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the variants the GPU benchmark times")
+    p.add_argument("--arch", type=int, choices=sorted(SMEM_LIMIT), default=90, help="compute capability x 10")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_sm90: unset TRITON_INTERPRET (the interpreter gives no compilable kernels)")
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
     for label, fn, consts, dtypes, nw in variants(args.quick):
         t0 = time.time()
         try:
-            c = compile_one(fn, consts, dtypes, nw)
+            c = compile_one(fn, consts, dtypes, nw, arch=args.arch)
         except Exception as exc:  # report every failure, then fail
             print(f"{label:64s} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             bad += 1
@@ -166,9 +171,10 @@ def main(argv=None) -> int:
         regs, stack = resources(c)
         wg = c.asm["ttgir"].count("warp_group_dot")
         print(f"{label:64s} {regs:5d} {stack:6d} {c.metadata.shared:7d} {wg:5d} {time.time() - t0:5.1f}", flush=True)
-        if stack > 0:
+        if stack > 0 or c.metadata.shared > SMEM_LIMIT[args.arch]:
             bad += 1
-    print("compile_sm90:", "all variants compiled without spills" if not bad else f"{bad} variant(s) failed or spilled")
+    print(f"compile_sm90 (sm_{args.arch}):", "all variants compiled without spills" if not bad
+          else f"{bad} variant(s) failed, spilled or exceed {SMEM_LIMIT[args.arch]} B of shared memory")
     return 1 if bad else 0
 
 

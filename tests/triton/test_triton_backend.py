@@ -6,9 +6,9 @@ pytest -ra. Importing this module changes nothing global: the backend switch (FA
 in a fixture and is undone after each test.
 
 What a GPU-less run cannot check (the GPU benchmark does): real-compiler numerics of tl.dot ("tf32x3"),
-timing, and launch limits. ``test_kernels_compile_for_sm90`` compiles every kernel for Hopper with the real
-compiler (no GPU needed) so that code the interpreter accepts but the compiler would not, or that spills,
-fails here too.
+timing, and launch limits. ``test_kernels_compile_for_sm90_and_sm80`` compiles every kernel for Hopper and
+Ampere with the real compiler (no GPU needed) so that code the interpreter accepts but the compiler would not,
+or that spills or overflows shared memory, fails here too.
 """
 from __future__ import annotations
 
@@ -565,14 +565,18 @@ def test_torch_compile_fullgraph():
 
 
 # ----------------------------------------------------------------------------------------------------
-# The real compiler, no GPU: every kernel compiles for sm_90 without register spills
+# The real compiler, no GPU: every kernel compiles for sm_90 and sm_80 without register spills
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_kernels_compile_for_sm90():
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_for_sm90_and_sm80(arch):
+    """Hopper (wgmma) and Ampere (mma.sync, 163 KB of shared memory per block) take different code paths in
+    Triton's backend; a kernel that compiles for one may fail or spill on the other."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_sm90.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, script, "--quick"], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, script, "--quick", "--arch", str(arch)], env=env, capture_output=True,
+                          text=True, timeout=600)
     print(proc.stdout[-4000:])
     if proc.returncode != 0 and "No module named" in proc.stderr:
         pytest.skip(f"triton's compiler is not usable here: {proc.stderr.strip().splitlines()[-1]}")
