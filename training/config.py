@@ -136,8 +136,45 @@ def apply_overrides(cfg: dict, sets: list[str] | None) -> dict:
     return cfg
 
 
+# Keys whose value may take a type other than their default's (a None default takes anything).
+OTHER_TYPES = {"defence.keep": (str, list), "out_dir": (str, os.PathLike)}
+
+
+def _check_types(cfg: dict, base: dict = DEFAULTS, path: str = "") -> None:
+    """Each value must have its default's type, so that a typo (``defence.k=abc``, ``seed=1.5``) is an error
+    naming the key instead of a run that trains something else. Ints pass where a float is expected, and a
+    string that reads as a float is converted: YAML 1.1 reads ``5e-4`` (no dot) as a string."""
+    for key, default in base.items():
+        where, val = f"{path}{key}", cfg[key]
+        if isinstance(default, dict):
+            _check_types(val, default, where + ".")
+            continue
+        if default is None:
+            continue
+        want = OTHER_TYPES.get(where)
+        if want is not None:
+            ok = isinstance(val, want)
+        elif isinstance(default, bool):
+            ok = isinstance(val, bool)
+        elif isinstance(default, int):
+            ok = isinstance(val, int) and not isinstance(val, bool)
+        elif isinstance(default, float):
+            if isinstance(val, str):
+                try:
+                    val = cfg[key] = float(val)
+                except ValueError:
+                    pass
+            ok = isinstance(val, (int, float)) and not isinstance(val, bool)
+        else:
+            ok = isinstance(val, type(default))
+        if not ok:
+            names = want if want is not None else (float,) if isinstance(default, float) else (type(default),)
+            raise TypeError(f"config key {where!r} must be {' or '.join(t.__name__ for t in names)}, "
+                            f"got {val!r} ({type(val).__name__})")
+
+
 def load_config(path: str | os.PathLike | None = None, sets: list[str] | None = None, overrides: dict | None = None) -> dict:
-    """Defaults <- YAML file <- ``overrides`` dict <- ``--set`` strings."""
+    """Defaults <- YAML file <- ``overrides`` dict <- ``--set`` strings; values type-checked against the defaults."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         with open(path) as f:
@@ -145,6 +182,7 @@ def load_config(path: str | os.PathLike | None = None, sets: list[str] | None = 
     if overrides:
         cfg = _merge(cfg, overrides)
     cfg = apply_overrides(cfg, sets)
+    _check_types(cfg)
     cfg["out_dir"] = str(cfg["out_dir"]).format(name=cfg["name"])
     return cfg
 

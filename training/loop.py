@@ -45,6 +45,34 @@ from .policy import Policy
 
 CKPT = "ckpt.pt"
 
+# Config keys a resumed run may change: where it writes, how much it logs, how far this process runs, and
+# the final evaluation. Any other difference means the checkpoint belongs to another experiment: resuming
+# would report that run's model under this config.
+RESUME_MAY_CHANGE = ("out_dir", "train.max_steps_this_run", "train.progress", "train.log_every", "train.threads",
+                     "train.ckpt_every", "data.num_workers", "data.pairs", "data.bin_sets", "eval.")
+
+
+class ResumeMismatch(ValueError):
+    """The out_dir holds a checkpoint written under another config (see RESUME_MAY_CHANGE)."""
+
+
+def _flatten(d: dict, path: str = "") -> dict:
+    out = {}
+    for key, val in d.items():
+        if isinstance(val, dict):
+            out.update(_flatten(val, f"{path}{key}."))
+        else:
+            out[f"{path}{key}"] = val
+    return out
+
+
+def config_changes(saved: dict, cfg: dict) -> list[str]:
+    """``key: old -> new`` for every key outside RESUME_MAY_CHANGE on which two configs differ."""
+    a, b = _flatten(saved), _flatten(cfg)
+    free = tuple(k for k in RESUME_MAY_CHANGE if k.endswith("."))
+    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key) and key not in RESUME_MAY_CHANGE and not key.startswith(free)]
+
 
 class TrainStep(nn.Module):
     """defence -> backbone -> head -> per-face mixed-label loss; the module DDP wraps."""
@@ -262,6 +290,11 @@ def _train(cfg: dict, resume: bool, data) -> dict:
     ckpt_path = out / CKPT
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        changed = config_changes(ck["config"], cfg)
+        if changed:
+            raise ResumeMismatch(f"{ckpt_path} is a checkpoint of another config ({'; '.join(changed)}); resuming it would "
+                             "report that run under this config. Start over (--fresh, resume=False) or write "
+                             "elsewhere (--out, out_dir)")
         step_mod.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])

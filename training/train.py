@@ -1,10 +1,11 @@
 """One command trains and evaluates from a YAML config.
 
     python -m training.train --config training/configs/orl_cpu.yaml
-    python -m training.train --config training/configs/orl_cpu.yaml --set defence.name=hybrid --set defence.k=4
+    python -m training.train --config training/configs/orl_cpu.yaml --set defence.name=hybrid --set defence.k=4 --out out/orl_hybrid4
     torchrun --nproc_per_node 8 -m training.train --config training/configs/ms1m_gpu.yaml
 
-A run resumes from <out_dir>/ckpt.pt when it exists (``--fresh`` starts over). Results go to
+A run resumes from <out_dir>/ckpt.pt when it exists (``--fresh`` starts over); a checkpoint of another
+config is an error (training.loop.RESUME_MAY_CHANGE lists the keys a resumed run may change). Results go to
 <out_dir>/results.json, the curves to metrics.jsonl and metrics.png.
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ import json
 import sys
 
 import torch.distributed as dist
+import yaml
 
 from .config import load_config
-from .loop import train
+from .loop import ResumeMismatch, train
 
 
 def summary(res: dict) -> str:
@@ -35,11 +37,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output folder (default: the config's out_dir)")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.set)
+    try:
+        cfg = load_config(args.config, args.set)
+    except (KeyError, TypeError, ValueError, OSError, yaml.YAMLError) as e:
+        ap.error(e.args[0] if isinstance(e, KeyError) else str(e))  # exit 2 with the usage line, no traceback
     if args.out:
         cfg["out_dir"] = args.out
     try:
         res = train(cfg, resume=not args.fresh)
+    except ResumeMismatch as e:
+        ap.error(str(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

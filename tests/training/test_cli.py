@@ -29,6 +29,62 @@ def test_config_rejects_unknown_keys(tmp_path):
     assert load_config(sets=["train.steps=7", "defence.k_choices=[2,4]"])["defence"]["k_choices"] == [2, 4]
 
 
+def test_config_values_take_their_defaults_type(tmp_path):
+    """A value of another type than the key's default names the key (it would otherwise train something else:
+    int(1.5) is a seed of 1); ints pass for floats, and YAML 1.1's string "5e-4" is read as the float."""
+    with pytest.raises(TypeError, match=r"'defence.k' must be int, got 'abc'"):
+        load_config(sets=["defence.k=abc"])
+    with pytest.raises(TypeError, match=r"'seed' must be int, got 1.5"):
+        load_config(sets=["seed=1.5"])
+    with pytest.raises(TypeError, match=r"'train.amp_cpu' must be bool"):
+        load_config(sets=["train.amp_cpu=1"])
+    with pytest.raises(TypeError, match=r"'defence.k_choices' must be list"):
+        load_config(sets=["defence.k_choices=3"])
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {weight_decay: 5e-4, lr: 1}\ndefence: {keep: [1, 2, 3]}\n")
+    cfg = load_config(p)
+    assert cfg["train"]["weight_decay"] == 5e-4 and cfg["train"]["lr"] == 1
+    assert cfg["defence"]["keep"] == [1, 2, 3]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    """Config mistakes end the command with exit 2 and a message naming the key, not a traceback."""
+    for argv, msg in ((["--set", "defence.k=abc"], "'defence.k' must be int"),
+                      (["--set", "nosuch=1"], "unknown config key 'nosuch'"),
+                      (["--set", "novalue"], "--set expects key=value")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--config", str(CONFIGS[0])] + argv)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--config", str(tmp_path / "missing.yaml")])
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, tiny, capsys):
+    """Re-running with a changed --set in the same out_dir must not report the old run under the new config
+    (it used to: the finished checkpoint resumed, evaluated and was labelled with the new defence). Keys in
+    RESUME_MAY_CHANGE (logging, threads, final evaluation) may change."""
+    from training.loop import ResumeMismatch, train
+
+    cfg = tiny(tmp_path / "out", **{"train.steps": 2})
+    train(cfg, resume=False)
+    other = tiny(tmp_path / "out", **{"train.steps": 2, "defence.name": "hybrid", "defence.k": 4})
+    with pytest.raises(ResumeMismatch, match=r"defence.k: 3 -> 4; defence.name: 'adaptive' -> 'hybrid'"):
+        train(other, resume=True)
+    assert train(other, resume=False)["defence"] == "hybrid"  # starting over is fine
+    same = tiny(tmp_path / "out", **{"train.steps": 2, "defence.name": "hybrid", "defence.k": 4,
+                                     "train.log_every": 5, "eval.tta_flip": True})
+    assert train(same, resume=True)["steps"] == 2
+    # the command line turns the refusal into one line and exit 2
+    del same["out_dir"]
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(same))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--config", str(p), "--out", str(tmp_path / "out"), "--set", "defence.k=5"])
+    assert e.value.code == 2 and "defence.k: 4 -> 5" in capsys.readouterr().err
+
+
 def test_cli_trains_and_evaluates(tmp_path, tiny, capsys):
     cfg = tiny(tmp_path / "out")
     del cfg["out_dir"]
