@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 
 from training.data import to_float
 from training.privacy import attacks as A
@@ -59,6 +60,43 @@ def test_pipeline_and_cli_smoke(orl_root, tmp_path):
     for a in rows.values():
         assert 0 <= a["score_pp"][0] <= 1 and 0 <= a["score_cls"][0] <= 1 and 0 <= a["tradeoff"][0] <= 1
     assert "verdict" in t["claim"]
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    """Unknown defence labels or scenarios, and negative seeds, end the command before any work with exit 2
+    naming the option (an unknown label used to match nothing, and nothing meant every defence)."""
+    from training.privacy.__main__ import main
+
+    for argv, msg in ((["--defences", "foo"], "--defences: unknown label(s) ['foo']"),
+                      (["--defences", "none,hybrid_k9"], "['hybrid_k9']"),
+                      (["--scenarios", "S1,S9"], "--scenarios: expected a comma-separated subset"),
+                      (["--seeds", "-1"], "--seeds: each seed must be in")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--out", str(tmp_path / "res"), "--work", str(tmp_path / "work")])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())
+
+
+def test_cli_one_defence_one_scenario_and_reuse(orl_root, tmp_path, capsys):
+    """A single defence (the image grid has one row) and scenarios without S1 (S2 then runs its own attack)
+    make a report; --reuse takes a saved run only for the same request."""
+    from training.privacy.__main__ import main
+
+    common = ["--budget", "smoke", "--sets", "orl", "--seeds", "0", "--out", str(tmp_path / "res"),
+              "--work", str(tmp_path / "work")]
+    assert main(common + ["--defences", "hybrid_k2", "--scenarios", "S2,S3"]) == 0
+    import json
+
+    t = json.loads((tmp_path / "res" / "orl" / "table.json").read_text())
+    assert set(t["runs"][0]["rows"][0]["scenarios"]) == {"S2", "S3"}
+    assert (tmp_path / "res" / "orl" / "grid.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(common + ["--defences", "hybrid_k2", "--scenarios", "S2,S3", "--reuse"]) == 0
+    assert "[privacy] reusing" in capsys.readouterr().out
+    assert main(common + ["--defences", "hybrid_k2", "--scenarios", "S3", "--reuse"]) == 0
+    assert "not reusing" in capsys.readouterr().out
+    t = json.loads((tmp_path / "res" / "orl" / "table.json").read_text())
+    assert set(t["runs"][0]["rows"][0]["scenarios"]) == {"S3"}
 
 
 def test_lfw_split_is_identity_disjoint():

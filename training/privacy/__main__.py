@@ -19,7 +19,14 @@ from training.config import project_root
 from training.results import machine
 
 from . import report
-from .run import BUDGETS, DEFENCES, run
+from .run import BUDGETS, DEFENCES, SCENARIOS, run
+
+
+def _same_request(r: dict, defs, scenarios: tuple, budget: dict) -> bool:
+    """Whether a saved run.json answers this command (its rows, scenarios and budget), so --reuse never mixes
+    a report from runs of another request."""
+    return ([x["defence"] for x in r["rows"]] == [d for d, _ in defs]
+            and tuple(r["info"].get("scenarios", SCENARIOS)) == scenarios and r["info"]["budget"] == budget)
 
 
 def main(argv=None) -> int:
@@ -33,11 +40,22 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="per-run folder (default out/privacy)")
     ap.add_argument("--reuse", action="store_true", help="reuse <work>/<set>_s<seed>/run.json where it exists")
     a = ap.parse_args(argv)
+    labels = [d for d, _ in DEFENCES]
+    wanted = labels if not a.defences else [x.strip() for x in a.defences.split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in labels]
+    if unknown or not wanted:
+        ap.error(f"--defences: unknown label(s) {unknown or [a.defences]}; choose from {','.join(labels)}")
+    scenarios = [x.strip() for x in a.scenarios.split(",") if x.strip()]
+    if not scenarios or any(x not in SCENARIOS for x in scenarios):
+        ap.error(f"--scenarios: expected a comma-separated subset of {','.join(SCENARIOS)}, got {a.scenarios!r}")
+    scenarios = tuple(x for x in SCENARIOS if x in scenarios)  # report order, no duplicates
+    if any(not 0 <= sd < 2**32 for sd in a.seeds):
+        ap.error(f"--seeds: each seed must be in [0, 2**32), got {a.seeds}")
     root = project_root()
     out = Path(a.out) if a.out else root / "training" / "privacy" / "results"
     work = Path(a.work) if a.work else root / "out" / "privacy"
     out.mkdir(parents=True, exist_ok=True)
-    defs = DEFENCES if not a.defences else [d for d in DEFENCES if d[0] in a.defences.split(",")]
+    defs = [d for d in DEFENCES if d[0] in wanted]
     mach = machine()
     mach["torch_threads"] = 1
     tm = (Path(__file__).parent / "THREAT_MODEL.md").read_text()
@@ -48,12 +66,15 @@ def main(argv=None) -> int:
         runs = []
         for seed in a.seeds:
             rdir = work / f"{s}_s{seed}"
-            if a.reuse and (rdir / "run.json").exists():
-                r = json.loads((rdir / "run.json").read_text())
+            r = json.loads((rdir / "run.json").read_text()) if a.reuse and (rdir / "run.json").exists() else None
+            if r is not None and not _same_request(r, defs, scenarios, BUDGETS[a.budget]):
+                print(f"[privacy] not reusing {rdir / 'run.json'}: it ran other defences, scenarios or budget")
+                r = None
+            if r is not None:
                 r["images"] = torch.load(rdir / "images.pt", weights_only=False)
                 print(f"[privacy] reusing {rdir / 'run.json'} ({r['info']['wall_s'] / 60:.1f} min when it ran)")
             else:
-                r = run(s, seed, a.budget, rdir, defs, tuple(a.scenarios.split(",")))
+                r = run(s, seed, a.budget, rdir, defs, scenarios)
             runs.append(r)
         wall = sum(r["info"]["wall_s"] for r in runs)
         t_all += wall

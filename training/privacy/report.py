@@ -161,7 +161,7 @@ def image_grid(images: dict, path: Path) -> None:
 
     defs = list(images["defences"])
     cols = ["target", "protected", "S1 recon", "S2 recon"] * 2 + ["real (id 0)", "S3 inversion", "S4 inversion"]
-    fig, axes = plt.subplots(len(defs), len(cols), figsize=(len(cols) * 0.95, len(defs) * 1.05))
+    fig, axes = plt.subplots(len(defs), len(cols), figsize=(len(cols) * 0.95, len(defs) * 1.05), squeeze=False)
     blank = torch.zeros_like(images["original"][0])
     for r, d in enumerate(defs):
         im = images["defences"][d]

@@ -47,6 +47,7 @@ BUDGETS = {
               "bb_iters": 2, "bb_pop": 4},
 }
 CONFIGS = {"orl": "training/configs/orl_cpu.yaml", "lfw": "training/configs/lfw_cpu.yaml"}
+SCENARIOS = ("S1", "S2", "S3", "S4")  # THREAT_MODEL.md
 SHOW = 4  # faces per defence in the image grid
 
 
@@ -80,7 +81,7 @@ def load_target(cfg: dict, num_classes: int):
 
 
 def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out: Path | None = None, defences=None,
-        scenarios=("S1", "S2", "S3", "S4"), log=print) -> dict:
+        scenarios=SCENARIOS, log=print) -> dict:
     """Returns {"info", "rows": [per defence], "images": {...}} and writes <out>/run.json + images.pt."""
     b = BUDGETS[budget] if isinstance(budget, str) else budget
     torch.set_num_threads(1)  # 2 cores shared with other jobs: one thread is ~5-10x faster than two (measured)
@@ -119,7 +120,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
         img = {}
         for sc in scenarios:
             if sc in ("S1", "S2"):
-                if sc == "S2" and not signs_of(defence):
+                if sc == "S2" and not signs_of(defence) and "S1" in row["scenarios"]:
                     row["scenarios"]["S2"] = dict(row["scenarios"]["S1"], same_as="S1")  # no sign key to know
                     continue
                 dec = A.train_decoder(defence, split.attacker.images, sign_known=sc == "S2", steps=b["dec_steps"],
