@@ -57,10 +57,19 @@ def machine() -> dict:
 
 
 def parse_defences(spec: str) -> list[tuple[str, int | None]]:
+    """``name`` or ``name:k`` items, checked before anything trains (ValueError naming the item)."""
+    from .defences import NAMES
+
     out = []
     for item in spec.split(","):
-        name, _, k = item.strip().partition(":")
-        out.append((name, int(k) if k else None))
+        name, colon, k = item.strip().partition(":")
+        if name not in NAMES:
+            raise ValueError(f"--defences: unknown defence {name!r} in {spec!r}; choose from {', '.join(NAMES)}")
+        if colon:
+            top = {"hybrid": 6, "instahide": None}  # build_defence's bound on the hybrid mask's k
+            if name not in top or not k.isdigit() or int(k) < 1 or (top[name] and int(k) > top[name]):
+                raise ValueError(f"--defences: {item.strip()!r}: name:k takes hybrid (k in 1..6) or instahide (k >= 1)")
+        out.append((name, int(k) if colon else None))
     return out
 
 
@@ -241,6 +250,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.summarize:
+        missing = [p for p in args.summarize if not Path(p).is_file()]
+        if missing:
+            ap.error(f"--summarize: no such file(s): {', '.join(missing)}")
         data, md = summarize(args.summarize)
         out.with_suffix(".json").write_text(json.dumps(data, indent=1))
         out.with_suffix(".md").write_text(md)
@@ -250,8 +262,14 @@ def main(argv=None) -> int:
         ap.error("--configs is required (or --summarize)")
     info = {"command": "python -m training.results " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
             "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    try:  # every argument checked before the first run trains (a later mistake must not waste the earlier runs)
+        defences = parse_defences(args.defences)
+        for c in args.configs:
+            load_config(c, args.set)
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        ap.error(e.args[0] if isinstance(e, KeyError) else str(e))
     t0 = time.time()
-    tables = [run_table(c, parse_defences(args.defences), args.set, Path("out") / out.name, out.parent / out.name, args.reuse, args.reeval) for c in args.configs]
+    tables = [run_table(c, defences, args.set, Path("out") / out.name, out.parent / out.name, args.reuse, args.reeval) for c in args.configs]
     info["wall_s"] = time.time() - t0
     out.with_suffix(".json").write_text(json.dumps({**info, "tables": tables}, indent=1, default=str))
     out.with_suffix(".md").write_text(to_markdown(tables, info))

@@ -85,6 +85,27 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, tiny, capsys):
     assert e.value.code == 2 and "defence.k: 4 -> 5" in capsys.readouterr().err
 
 
+def test_results_cli_checks_every_argument_before_training(tmp_path, capsys):
+    """training.results trains many runs: a bad defence spec, config or override anywhere on its command line
+    ends it with exit 2 before the first run (not after hours of earlier runs)."""
+    from training import results
+    from training.results import parse_defences
+
+    assert parse_defences("none,hybrid:4,instahide:8,adaptive") == [("none", None), ("hybrid", 4), ("instahide", 8),
+                                                                   ("adaptive", None)]
+    for spec in ("foo", "hybrid:x", "hybrid:9", "none:3", "hybrid:0"):
+        with pytest.raises(ValueError, match="--defences"):
+            parse_defences(spec)
+    for argv, msg in ((["--configs", str(CONFIGS[0]), "--defences", "hybrid:x"], "'hybrid:x'"),
+                      (["--configs", str(CONFIGS[0]), str(tmp_path / "nope.yaml")], "nope.yaml"),
+                      (["--configs", str(CONFIGS[0]), "--set", "seed=x"], "'seed' must be int"),
+                      (["--summarize", str(tmp_path / "nope.json")], "--summarize: no such file")):
+        with pytest.raises(SystemExit) as e:
+            results.main(argv + ["--out", str(tmp_path / "r")])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_cli_trains_and_evaluates(tmp_path, tiny, capsys):
     cfg = tiny(tmp_path / "out")
     del cfg["out_dir"]
