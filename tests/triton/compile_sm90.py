@@ -84,6 +84,21 @@ def variants(quick: bool):
     v.append(("fwd_dct per_image=True KS=6 row fastest tf32x3", tmix._mix_fwd_dct_kernel,
               dict(PER_IMAGE=True, PIXELS=False, USE_SEED=True, COEF_IN=False, KS=6, ROW_FASTEST=True,
                    BL=bl, PREC="tf32x3"), {}, nw))
+    # 16-bit inputs take the "dot_precision_low" dot (tf32 by default) and its tiles; the interpreter cannot
+    # run bf16, so compiling is the only check these variants get without a GPU.
+    low = CONFIG["dot_precision_low"]
+    for dt in ("*bf16", "*fp16"):
+        bl, nw = tile_config("dct", low)
+        v.append((f"block_dct channels {low} x={dt}", tdct._block_dct_kernel,
+                  dict(INVERSE=False, CHANNELS=True, BL=bl, PREC=low), {"x_ptr": dt, "y_ptr": dt}, nw))
+        bl, nw = tile_config("fwd_dct", low)
+        v.append((f"fwd_dct per_image=True {low} x={dt}", tmix._mix_fwd_dct_kernel,
+                  dict(PER_IMAGE=True, PIXELS=False, USE_SEED=True, COEF_IN=False, KS=0, ROW_FASTEST=False, BL=bl,
+                       PREC=low), {"src_ptr": dt, "out_ptr": dt}, nw))
+        bl, nw = tile_config("bwd_dct", low)
+        v.append((f"bwd_dct per_image=True need_w=True {low} x={dt}", tmix._mix_bwd_dct_kernel,
+                  dict(PER_IMAGE=True, USE_SEED=True, NEED_X=True, NEED_W=True, ROW_FASTEST=False, CHUNK=0, BL=bl,
+                       PREC=low), {"grad_ptr": dt, "x_ptr": dt}, nw))
     bl, nw = CONFIG["fwd_blocks"], CONFIG["fwd_warps"]
     for per_image in (True, False):
         for odt in ("*fp32", "*bf16"):
@@ -96,7 +111,9 @@ def variants(quick: bool):
                   dict(RA=5, RB=5, PER_IMAGE=True, USE_SEED=True, KS=6, PLANES=True, PREMIXED=True, BL=bl), {}, nw))
         v.append(("fwd (resampling) R=3 KS=4 PLANES unpremixed", tmix._mix_fwd_kernel,
                   dict(RA=3, RB=3, PER_IMAGE=True, USE_SEED=True, KS=4, PLANES=True, PREMIXED=False, BL=bl), {}, nw))
-    v.append(("ycbcr colour pass", tcolor._color_affine_kernel, dict(BP=tcolor.BLOCK_PIXELS), {}, 4))
+    for xdt in ("*fp32", "*bf16", "*fp16"):  # the public frontend takes any float input dtype
+        v.append((f"ycbcr colour pass x={xdt}", tcolor._color_affine_kernel, dict(BP=tcolor.BLOCK_PIXELS),
+                  {"x_ptr": xdt}, 4))
     bl, nw = tile_config("bwd_dct", "ieee")
     for per_image in (True, False):
         for need_w in (False, True):
