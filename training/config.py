@@ -173,6 +173,31 @@ def _check_types(cfg: dict, base: dict = DEFAULTS, path: str = "") -> None:
                             f"got {val!r} ({type(val).__name__})")
 
 
+def _at_least(cfg: dict, key: str, low: int) -> None:
+    node, *rest = key.split(".")
+    val = cfg[node][rest[0]] if rest else cfg[node]
+    if val is not None and val < low:
+        raise ValueError(f"config key {key!r} must be >= {low}, got {val!r}")
+
+
+def check_values(cfg: dict) -> None:
+    """Ranges and choices the loop relies on, checked before any data is read (ValueError naming the key).
+    Choices that a module checks where it reads them (model.arch, head.type, defence.name, ...) stay there."""
+    for key, low in (("train.steps", 1), ("train.batch_size", 1), ("train.log_every", 1), ("train.eval_every", 0),
+                     ("train.ckpt_every", 0), ("train.warmup", 0), ("train.max_steps_this_run", 1),
+                     ("policy.update_every", 1), ("eval.batch_size", 1), ("data.size", 8), ("data.num_workers", 0)):
+        _at_least(cfg, key, low)
+    tc = cfg["train"]
+    for key, choices in (("schedule", ("cosine", "constant")), ("optimizer", ("sgd", "adamw")),
+                         ("amp", ("bf16", "fp16", "off")), ("device", ("auto", "cpu", "cuda"))):
+        if tc[key] not in choices:
+            raise ValueError(f"config key 'train.{key}' must be one of {choices}, got {tc[key]!r}")
+    ks = cfg["defence"]["k_choices"]
+    # the hybrid mask's k (build_defence checks defence.k the same way); a repeated k would weigh the policy
+    if not ks or len(set(ks)) != len(ks) or any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 6 for k in ks):
+        raise ValueError(f"config key 'defence.k_choices' must list distinct ints in 1..6, got {ks!r}")
+
+
 def load_config(path: str | os.PathLike | None = None, sets: list[str] | None = None, overrides: dict | None = None) -> dict:
     """Defaults <- YAML file <- ``overrides`` dict <- ``--set`` strings; values type-checked against the defaults."""
     cfg = copy.deepcopy(DEFAULTS)
@@ -183,6 +208,7 @@ def load_config(path: str | os.PathLike | None = None, sets: list[str] | None = 
         cfg = _merge(cfg, overrides)
     cfg = apply_overrides(cfg, sets)
     _check_types(cfg)
+    check_values(cfg)
     cfg["out_dir"] = str(cfg["out_dir"]).format(name=cfg["name"])
     return cfg
 

@@ -37,6 +37,7 @@ from torch import nn
 import fastmix
 
 from . import eval as evaluation
+from .config import check_values
 from .data import SKIPS, ResumableBatchSampler, collate_skipping, load_data, to_float
 from .defences import build_defence
 from .loss import MarginHead, mixed_label_loss
@@ -99,6 +100,9 @@ def setup_distributed(cfg: dict) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want = cfg["train"]["device"]
     cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(f"train.device is 'cuda' but this torch ({torch.__version__}) sees no CUDA device; "
+                         "use train.device=auto or cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -226,6 +230,7 @@ def train(cfg: dict, resume: bool = True, data=None) -> dict:
 
 def _train(cfg: dict, resume: bool, data) -> dict:
     t_start = time.time()
+    check_values(cfg)  # again: callers may edit the dict after load_config
     rank, world, device = setup_distributed(cfg)
     if device.type != "cpu":
         # The partners come from HybridMask / fastmix's samplers, valid by construction: no range check,
@@ -244,8 +249,6 @@ def _train(cfg: dict, resume: bool, data) -> dict:
 
     data = data if data is not None else load_data(cfg)
     amp = None
-    if tc["amp"] not in ("bf16", "fp16", "off"):
-        raise ValueError(f"train.amp must be bf16, fp16 or off, got {tc['amp']!r}")
     # AMP is for GPUs; train.amp_cpu runs the same autocast path on the CPU (tests, or a CPU with bf16 units)
     if tc["amp"] != "off" and (device.type == "cuda" or tc["amp_cpu"]):
         amp = torch.bfloat16 if tc["amp"] == "bf16" else torch.float16

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from training import train as cli
@@ -45,6 +47,34 @@ def test_config_values_take_their_defaults_type(tmp_path):
     cfg = load_config(p)
     assert cfg["train"]["weight_decay"] == 5e-4 and cfg["train"]["lr"] == 1
     assert cfg["defence"]["keep"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("setting,msg", [
+    ("train.steps=0", "'train.steps' must be >= 1"),
+    ("train.log_every=0", "'train.log_every' must be >= 1"),  # a modulo by zero in the loop before
+    ("policy.update_every=0", "'policy.update_every' must be >= 1"),
+    ("train.batch_size=0", "'train.batch_size' must be >= 1"),
+    ("train.schedule=step", "'train.schedule' must be one of"),  # silently cosine before
+    ("train.device=tpu", "'train.device' must be one of"),  # silently the CPU before
+    ("defence.k_choices=[1,7]", "'defence.k_choices' must list distinct ints in 1..6"),
+    ("defence.k_choices=[]", "'defence.k_choices'"),
+    ("defence.k_choices=[2,2]", "'defence.k_choices'"),
+])
+def test_config_values_in_range(setting, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        load_config(sets=[setting])
+
+
+def test_loop_rechecks_values_and_the_device(tmp_path, tiny):
+    """train() takes dicts edited after load_config: it checks them again; a CUDA device asked for on a
+    machine without one is named instead of failing inside torch.cuda."""
+    from training.loop import train
+
+    with pytest.raises(ValueError, match="'train.log_every' must be >= 1"):
+        train(tiny(tmp_path / "a", **{"train.log_every": 0}), resume=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.device is 'cuda' but"):
+            train(tiny(tmp_path / "b", **{"train.device": "cuda"}), resume=False)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
