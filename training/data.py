@@ -190,6 +190,9 @@ def scan_image_folder(root: str | os.PathLike) -> list[tuple[str, list[str]]]:
         files = sorted((str(f) for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS), key=_natural_key)
         if files:
             out.append((d.name, files))
+    if not out:
+        raise FileNotFoundError(f"image folder {root} holds no images: expected <root>/<identity>/<image> with "
+                                f"extensions {', '.join(sorted(IMAGE_EXTS))}")
     return out
 
 

@@ -120,6 +120,15 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny):
     assert res["tests"][0]["task"] == "verification" and res["tests"][0]["pairs"] == 10
 
 
+def test_image_folder_without_images_names_the_layout(tmp_path):
+    (tmp_path / "person0").mkdir()
+    (tmp_path / "person0" / "notes.txt").write_text("no faces here")
+    with pytest.raises(FileNotFoundError, match=r"holds no images: expected <root>/<identity>/<image>"):
+        D.scan_image_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.scan_image_folder(tmp_path / "missing")
+
+
 def test_decode_variants():
     im = D.decode_image(_encode(torch.full((3, 50, 40), 200, dtype=torch.uint8)), "grey", 112, crop=40)
     assert im.shape == (1, 112, 112) and int(im[0, 5, 5]) == 200
