@@ -136,8 +136,12 @@ def apply_overrides(cfg: dict, sets: list[str] | None) -> dict:
     return cfg
 
 
-# Keys whose value may take a type other than their default's (a None default takes anything).
+# Keys whose value may take a type other than their default's.
 OTHER_TYPES = {"defence.keep": (str, list), "out_dir": (str, os.PathLike)}
+# Keys whose default is None ("not set"): the type of a value that sets them.
+OPTIONAL_TYPES = {"data.root": (str, os.PathLike), "data.crop": (int,), "data.max_identities": (int,),
+                  "data.max_per_id": (int,), "data.pairs": (str, os.PathLike), "train.threads": (int,),
+                  "train.max_steps_this_run": (int,)}
 
 
 def _check_types(cfg: dict, base: dict = DEFAULTS, path: str = "") -> None:
@@ -149,11 +153,13 @@ def _check_types(cfg: dict, base: dict = DEFAULTS, path: str = "") -> None:
         if isinstance(default, dict):
             _check_types(val, default, where + ".")
             continue
-        if default is None:
+        if default is None and val is None:
             continue
-        want = OTHER_TYPES.get(where)
+        want = OPTIONAL_TYPES.get(where) if default is None else OTHER_TYPES.get(where)
+        if default is None and want is None:
+            continue  # an unlisted optional key takes anything
         if want is not None:
-            ok = isinstance(val, want)
+            ok = isinstance(val, want) and not isinstance(val, bool)
         elif isinstance(default, bool):
             ok = isinstance(val, bool)
         elif isinstance(default, int):

@@ -293,11 +293,11 @@ def _train(cfg: dict, resume: bool, data) -> dict:
     ckpt_path = out / CKPT
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        changed = config_changes(ck["config"], cfg)
+        changed = config_changes(ck["config"], cfg) if "config" in ck else []
         if changed:
-            raise ResumeMismatch(f"{ckpt_path} is a checkpoint of another config ({'; '.join(changed)}); resuming it would "
-                             "report that run under this config. Start over (--fresh, resume=False) or write "
-                             "elsewhere (--out, out_dir)")
+            raise ResumeMismatch(f"{ckpt_path} is a checkpoint of another config ({'; '.join(changed)}); resuming "
+                                 "it would report that run under this config. Start over (--fresh, resume=False) "
+                                 "or write elsewhere (--out, out_dir)")
         step_mod.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])

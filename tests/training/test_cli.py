@@ -42,6 +42,9 @@ def test_config_values_take_their_defaults_type(tmp_path):
         load_config(sets=["train.amp_cpu=1"])
     with pytest.raises(TypeError, match=r"'defence.k_choices' must be list"):
         load_config(sets=["defence.k_choices=3"])
+    with pytest.raises(TypeError, match=r"'train.threads' must be int, got 'two'"):  # a None default: optional
+        load_config(sets=["train.threads=two"])
+    assert load_config(sets=["train.threads=2", "data.crop=null"])["train"]["threads"] == 2
     p = tmp_path / "c.yaml"
     p.write_text("train: {weight_decay: 5e-4, lr: 1}\ndefence: {keep: [1, 2, 3]}\n")
     cfg = load_config(p)
