@@ -12,7 +12,8 @@ with partners from the whole global batch); the policy's gradients and rewards a
 AMP (bf16 or fp16 with a GradScaler) runs the backbone on CUDA (on the CPU with train.amp_cpu); the masks and
 the margin head stay fp32.
 
-Checkpoints (every ``train.ckpt_every`` steps and at the end) are written to a temporary file and renamed
+Checkpoints (every ``train.ckpt_every`` steps, at the end, and after the step under way when SIGINT / SIGTERM
+arrives: StopOnSignal) are written to a temporary file and renamed
 over ``<out_dir>/ckpt.pt`` (os.replace: atomic on POSIX), so a crash never leaves a torn checkpoint. They
 hold everything that decides the next step: model, optimisers, LR schedule, GradScaler, policy (weights,
 baseline, averages, pending buffer), the data position (epoch, batch) and every RNG stream of every rank
@@ -25,6 +26,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -73,6 +76,45 @@ def config_changes(saved: dict, cfg: dict) -> list[str]:
     free = tuple(k for k in RESUME_MAY_CHANGE if k.endswith("."))
     return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b))
             if a.get(key) != b.get(key) and key not in RESUME_MAY_CHANGE and not key.startswith(free)]
+
+
+class StopOnSignal:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) during training: finish the step under way,
+    write the checkpoint, return ``stopped_early``; the same command resumes from there bit for bit. A second
+    signal interrupts at once (KeyboardInterrupt). Under DDP the ranks agree on the step (a MAX all-reduce
+    of the flag after every step, next to the step's loss read-back) so that they checkpoint together.
+    Handlers are installed only from the main thread (the only one Python lets install them)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.flag = False
+        self._prev: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._prev = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
+        self._prev = {}
+        return False
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self.flag = True
+        print(f"[training] {signal.Signals(signum).name}: checkpointing after this step, then stopping "
+              "(send it again to stop at once)", flush=True)
+
+    def requested(self, world: int, device: torch.device) -> bool:
+        if world == 1:
+            return self.flag
+        t = torch.tensor([int(self.flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
 
 class TrainStep(nn.Module):
@@ -389,73 +431,76 @@ def _train(cfg: dict, resume: bool, data) -> dict:
     late_from = int(0.8 * total)
     val_acc = float(policy.val_acc) if policy is not None else float("nan")
 
-    while step < stop:
-        batch = next(it)
-        consumed += 1
-        if batch is None:  # every image of the batch was unreadable (counted): take the next batch
-            continue
-        u8, y = batch
-        x = to_float(u8.to(device, non_blocking=True))
-        y = y.to(device)
-        if cfg["data"]["flip"]:
-            f = (torch.rand(x.shape[0], generator=data_gen) < 0.5).to(device)
-            x = torch.where(f.view(-1, 1, 1, 1), x.flip(-1), x)
-        k = a = s = None
-        if policy is not None:
-            s = policy.state(x, step / max(1, total))
-            k, a = policy.act(s, x.shape[0])
-        loss_vec, weights = net(x, y, k)
-        loss = loss_vec.mean()
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        with warnings.catch_warnings():
-            # fp16: GradScaler skips the optimiser step when the scaled gradients overflow (the first steps, while
-            # it finds its scale); the schedule still advances with the step count, on purpose (exact resume
-            # counts steps), so torch's "lr_scheduler.step() before optimizer.step()" warning does not apply.
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
-            sched.step()
-        if policy is not None:
-            policy.record(s, a, policy.reward(loss_vec, a))
-            policy.observe_loss(float(loss.detach()))
-            if (step + 1) % int(pc["update_every"]) == 0:
-                last_policy = policy.update(popt)
-        # k actually used per face: the number of partners with a non-zero weight
-        used = (weights != 0).sum(1).cpu()
-        for kv, cnt in zip(*torch.unique(used, return_counts=True)):
-            kv, cnt = int(kv), int(cnt)
-            win["k"][kv] = win["k"].get(kv, 0) + cnt
-            k_total[kv] = k_total.get(kv, 0) + cnt
-            if step >= late_from:
-                k_late[kv] = k_late.get(kv, 0) + cnt
-        win["loss"] += float(loss.detach())
-        win["n"] += 1
-        win["imgs"] += x.shape[0] * world
-        step += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", k=f"{used.float().mean():.2f}", val=f"{val_acc:.3f}")
-        if step % int(tc["log_every"]) == 0 or step == stop:
-            kh = win["k"]
-            rec = {
-                "kind": "train", "step": step, "lr": sched.get_last_lr()[0], "loss": win["loss"] / max(1, win["n"]),
-                "k_mean": sum(k_ * c for k_, c in kh.items()) / max(1, sum(kh.values())), "k_hist": {str(k_): c for k_, c in sorted(kh.items())},
-                "imgs_per_s": win["imgs"] / max(1e-9, time.time() - win["t"]), "skipped_images": SKIPS.count,
-            }
+    with StopOnSignal() as stopper:  # Ctrl-C / SIGTERM: checkpoint at the next step boundary, not lost work
+        while step < stop:
+            batch = next(it)
+            consumed += 1
+            if batch is None:  # every image of the batch was unreadable (counted): take the next batch
+                continue
+            u8, y = batch
+            x = to_float(u8.to(device, non_blocking=True))
+            y = y.to(device)
+            if cfg["data"]["flip"]:
+                f = (torch.rand(x.shape[0], generator=data_gen) < 0.5).to(device)
+                x = torch.where(f.view(-1, 1, 1, 1), x.flip(-1), x)
+            k = a = s = None
             if policy is not None:
-                rec["policy_probs"] = [round(float(p), 4) for p in policy.mean_probs(s)]
-                rec.update(last_policy)
-            log(rec)
-            win = {"loss": 0.0, "n": 0, "k": {}, "t": time.time(), "imgs": 0}
-        if int(tc["eval_every"]) and step % int(tc["eval_every"]) == 0 and step < total:
-            val_acc = validate()
-        if int(tc["ckpt_every"]) and step % int(tc["ckpt_every"]) == 0:
-            checkpoint()
+                s = policy.state(x, step / max(1, total))
+                k, a = policy.act(s, x.shape[0])
+            loss_vec, weights = net(x, y, k)
+            loss = loss_vec.mean()
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            with warnings.catch_warnings():
+                # fp16: GradScaler skips the optimiser step when the scaled gradients overflow (the first steps, while
+                # it finds its scale); the schedule still advances with the step count, on purpose (exact resume
+                # counts steps), so torch's "lr_scheduler.step() before optimizer.step()" warning does not apply.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+                sched.step()
+            if policy is not None:
+                policy.record(s, a, policy.reward(loss_vec, a))
+                policy.observe_loss(float(loss.detach()))
+                if (step + 1) % int(pc["update_every"]) == 0:
+                    last_policy = policy.update(popt)
+            # k actually used per face: the number of partners with a non-zero weight
+            used = (weights != 0).sum(1).cpu()
+            for kv, cnt in zip(*torch.unique(used, return_counts=True)):
+                kv, cnt = int(kv), int(cnt)
+                win["k"][kv] = win["k"].get(kv, 0) + cnt
+                k_total[kv] = k_total.get(kv, 0) + cnt
+                if step >= late_from:
+                    k_late[kv] = k_late.get(kv, 0) + cnt
+            win["loss"] += float(loss.detach())
+            win["n"] += 1
+            win["imgs"] += x.shape[0] * world
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", k=f"{used.float().mean():.2f}", val=f"{val_acc:.3f}")
+            if step % int(tc["log_every"]) == 0 or step == stop:
+                kh = win["k"]
+                rec = {
+                    "kind": "train", "step": step, "lr": sched.get_last_lr()[0], "loss": win["loss"] / max(1, win["n"]),
+                    "k_mean": sum(k_ * c for k_, c in kh.items()) / max(1, sum(kh.values())), "k_hist": {str(k_): c for k_, c in sorted(kh.items())},
+                    "imgs_per_s": win["imgs"] / max(1e-9, time.time() - win["t"]), "skipped_images": SKIPS.count,
+                }
+                if policy is not None:
+                    rec["policy_probs"] = [round(float(p), 4) for p in policy.mean_probs(s)]
+                    rec.update(last_policy)
+                log(rec)
+                win = {"loss": 0.0, "n": 0, "k": {}, "t": time.time(), "imgs": 0}
+            if int(tc["eval_every"]) and step % int(tc["eval_every"]) == 0 and step < total:
+                val_acc = validate()
+            if int(tc["ckpt_every"]) and step % int(tc["ckpt_every"]) == 0:
+                checkpoint()
+            if stopper.requested(world, device):
+                break
     if bar is not None:
         bar.close()
     checkpoint()

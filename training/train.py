@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     if res and "tests" in res:
         print(summary(res))
         print(json.dumps({"results": f"{cfg['out_dir']}/results.json"}))
+    elif res and res.get("stopped_early"):
+        print(f"stopped at step {res['step']} of {cfg['train']['steps']}; checkpoint {cfg['out_dir']}/ckpt.pt "
+              "(the same command resumes from it)")
     return 0
 
 

@@ -2,7 +2,10 @@
 compared bit for bit (model, optimiser, policy, every RNG stream, the data position)."""
 from __future__ import annotations
 
+import json
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -55,17 +58,57 @@ def test_resume_is_exact(tmp_path, tiny, defence, mode):
     r2 = train(part, resume=True)
     assert r2["steps"] == 2 * N
 
-    a, b = _state(tmp_path / "full"), _state(tmp_path / "part")
+    _assert_same_run(tmp_path / "full", tmp_path / "part")
+
+
+def _assert_same_run(full, part):
+    a, b = _state(full), _state(part)
     assert a["step"] == b["step"] == 2 * N and tuple(a["position"]) == tuple(b["position"])
     for key in ("model", "opt", "sched", "policy", "policy_opt", "rank_state", "k_total"):
         _assert_same(a[key], b[key], key)
     # the final evaluation saw identical networks
-    ra = (tmp_path / "full" / "results.json").read_text()
-    rb = (tmp_path / "part" / "results.json").read_text()
-    import json
-
-    ja, jb = json.loads(ra), json.loads(rb)
+    ja, jb = (json.loads((d / "results.json").read_text()) for d in (full, part))
     assert ja["tests"] == jb["tests"] and ja["val_accuracy"] == jb["val_accuracy"]
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tmp_path, tiny, monkeypatch):
+    """SIGTERM (or Ctrl-C) during step N: the step completes, the checkpoint is written, train() returns
+    stopped_early and restores the signal handlers; resuming gives the uninterrupted run bit for bit. The
+    signal is sent from inside step N (the loss call), so the step it lands in is deterministic."""
+    import training.loop as L
+
+    over = {"defence.name": "adaptive", "policy.mode": "sample", "train.steps": 2 * N, "train.eval_every": 2,
+            "policy.update_every": 2, "data.synthetic_per_id": 5}
+    train(tiny(tmp_path / "full", **over), resume=False)
+
+    real, calls = L.mixed_label_loss, {"n": 0}
+
+    def loss_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == N:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(L, "mixed_label_loss", loss_then_signal)
+    part = tiny(tmp_path / "part", **over)
+    r1 = train(part, resume=False)
+    assert r1.get("stopped_early") and r1["step"] == N and _state(tmp_path / "part")["step"] == N
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    monkeypatch.setattr(L, "mixed_label_loss", real)
+    r2 = train(part, resume=True)
+    assert r2["steps"] == 2 * N
+    _assert_same_run(tmp_path / "full", tmp_path / "part")
+
+
+def test_a_second_signal_stops_at_once():
+    from training.loop import StopOnSignal
+
+    st = StopOnSignal()
+    st._handle(signal.SIGINT, None)
+    assert st.flag and st.requested(1, torch.device("cpu"))
+    with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+        st._handle(signal.SIGINT, None)
 
 
 def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
