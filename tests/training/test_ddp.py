@@ -53,3 +53,40 @@ def test_ddp_two_cpu_processes(tmp_path, tiny, global_partners):
     f0, f1 = (ck["rank_state"][r]["fingerprint"] for r in range(WORLD))
     assert f0 == f1 and set(f0) == {"model", "policy"}
     assert (tmp_path / "run" / "results.json").exists()
+
+
+def _worker_signalled(rank, port, cfg, out):
+    """Rank 1 alone gets SIGTERM, from inside its first step."""
+    import signal
+
+    import training.loop as L
+
+    if rank == 1:
+        real = L.mixed_label_loss
+
+        def loss_then_signal(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+
+        L.mixed_label_loss = loss_then_signal
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        res = L.train(cfg, resume=False)
+        torch.save({"res": res}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_ranks_stop_together_when_one_is_signalled(tmp_path, tiny):
+    """A preemption signal that reaches one rank: both finish step 1 and write one checkpoint at step 1 (a
+    rank that stopped alone would leave the other waiting in a collective)."""
+    cfg = tiny(tmp_path / "run", **{"defence.name": "adaptive", "train.steps": 4, "train.batch_size": 8,
+                                   "train.eval_every": 0, "train.threads": 1})
+    mp.spawn(_worker_signalled, args=(_free_port(), cfg, str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["res"]
+        assert res == {"step": 1, "stopped_early": True}, (r, res)
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 1 and ck["world"] == WORLD
