@@ -191,8 +191,14 @@ def check_values(cfg: dict) -> None:
     Choices that a module checks where it reads them (model.arch, head.type, defence.name, ...) stay there."""
     for key, low in (("train.steps", 1), ("train.batch_size", 1), ("train.log_every", 1), ("train.eval_every", 0),
                      ("train.ckpt_every", 0), ("train.warmup", 0), ("train.max_steps_this_run", 1),
-                     ("policy.update_every", 1), ("eval.batch_size", 1), ("data.size", 8), ("data.num_workers", 0)):
+                     ("policy.update_every", 1), ("eval.batch_size", 1), ("eval.folds", 2), ("data.size", 8),
+                     ("data.num_workers", 0), ("data.min_images", 1), ("data.val_pairs", 0), ("data.test_pairs", 0),
+                     ("defence.upsample", 1), ("defence.drop_lowest", 0), ("defence.partialface_subsets", 1)):
         _at_least(cfg, key, low)
+    for key, lo, hi in (("eval.far", 0.0, 1.0), ("policy.explore", 0.0, 1.0), ("policy.target_acc", 0.0, 1.0)):
+        node, leaf = key.split(".")
+        if not lo <= cfg[node][leaf] <= hi:
+            raise ValueError(f"config key {key!r} must be in [{lo:g}, {hi:g}], got {cfg[node][leaf]!r}")
     tc = cfg["train"]
     for key, choices in (("schedule", ("cosine", "constant")), ("optimizer", ("sgd", "adamw")),
                          ("amp", ("bf16", "fp16", "off")), ("device", ("auto", "cpu", "cuda"))):

@@ -62,6 +62,9 @@ def test_config_values_take_their_defaults_type(tmp_path):
     ("defence.k_choices=[1,7]", "'defence.k_choices' must list distinct ints in 1..6"),
     ("defence.k_choices=[]", "'defence.k_choices'"),
     ("defence.k_choices=[2,2]", "'defence.k_choices'"),
+    ("eval.folds=1", "'eval.folds' must be >= 2"),
+    ("eval.far=2", "'eval.far' must be in [0, 1]"),
+    ("policy.explore=-0.1", "'policy.explore' must be in [0, 1]"),
 ])
 def test_config_values_in_range(setting, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
