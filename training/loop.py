@@ -117,6 +117,14 @@ class StopOnSignal:
         return bool(t.item())
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the training process (StopOnSignal): Ctrl-C in a terminal
+    reaches the whole process group, and a worker that died of it would end the run before its checkpoint.
+    They still exit with the main process (DataLoader shuts them down; they also watch their parent)."""
+    for sig in StopOnSignal.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TrainStep(nn.Module):
     """defence -> backbone -> head -> per-face mixed-label loss; the module DDP wraps."""
 
@@ -367,6 +375,7 @@ def _train(cfg: dict, resume: bool, data) -> dict:
     sampler = ResumableBatchSampler(len(data.train), int(tc["batch_size"]), seed, rank, world, start_pos)
     loader = torch.utils.data.DataLoader(data.train, batch_sampler=sampler, collate_fn=collate_skipping,
                                          num_workers=int(cfg["data"]["num_workers"]), pin_memory=device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals,
                                          # its own generator: creating the iterator must not draw from the global stream
                                          generator=torch.Generator().manual_seed(seed))
     it = iter(loader)

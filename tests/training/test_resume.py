@@ -130,3 +130,22 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     assert calls and calls[0][1] == str(path)
     assert torch.load(path, weights_only=False) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+class _SignalDispositions(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return torch.tensor([signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+                             signal.getsignal(signal.SIGTERM) == signal.SIG_IGN])
+
+
+def test_dataloader_workers_leave_stop_signals_to_the_trainer():
+    """Ctrl-C reaches the DataLoader workers too; they ignore it (the training process checkpoints, then shuts
+    them down) instead of dying under the loop."""
+    from training.loop import ignore_stop_signals
+
+    loader = torch.utils.data.DataLoader(_SignalDispositions(), batch_size=2, num_workers=1,
+                                         worker_init_fn=ignore_stop_signals)
+    assert next(iter(loader)).all()
