@@ -179,32 +179,45 @@ def _check_types(cfg: dict, base: dict = DEFAULTS, path: str = "") -> None:
                             f"got {val!r} ({type(val).__name__})")
 
 
-def _at_least(cfg: dict, key: str, low: int) -> None:
-    node, *rest = key.split(".")
-    val = cfg[node][rest[0]] if rest else cfg[node]
-    if val is not None and val < low:
-        raise ValueError(f"config key {key!r} must be >= {low}, got {val!r}")
+def flatten(cfg: dict, path: str = "") -> dict:
+    """{"train.steps": 300, ...}: every leaf of a config under its dotted key."""
+    out = {}
+    for key, val in cfg.items():
+        if isinstance(val, dict):
+            out.update(flatten(val, f"{path}{key}."))
+        else:
+            out[f"{path}{key}"] = val
+    return out
+
+
+# What load_config raises for a bad file, key or value: the command lines report these in one line (exit 2).
+CONFIG_ERRORS = (KeyError, TypeError, ValueError, OSError, yaml.YAMLError)
+
+
+def error_text(e: BaseException) -> str:
+    """The message of one of CONFIG_ERRORS (str() of a KeyError adds quotes around it)."""
+    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
 
 
 def check_values(cfg: dict) -> None:
     """Ranges and choices the loop relies on, checked before any data is read (ValueError naming the key).
     Choices that a module checks where it reads them (model.arch, head.type, defence.name, ...) stay there."""
+    flat = flatten(cfg)
     for key, low in (("train.steps", 1), ("train.batch_size", 1), ("train.log_every", 1), ("train.eval_every", 0),
                      ("train.ckpt_every", 0), ("train.warmup", 0), ("train.max_steps_this_run", 1),
                      ("policy.update_every", 1), ("eval.batch_size", 1), ("eval.folds", 2), ("data.size", 8),
                      ("data.num_workers", 0), ("data.min_images", 1), ("data.val_pairs", 0), ("data.test_pairs", 0),
                      ("defence.upsample", 1), ("defence.drop_lowest", 0), ("defence.partialface_subsets", 1)):
-        _at_least(cfg, key, low)
+        if flat[key] is not None and flat[key] < low:
+            raise ValueError(f"config key {key!r} must be >= {low}, got {flat[key]!r}")
     for key, lo, hi in (("eval.far", 0.0, 1.0), ("policy.explore", 0.0, 1.0), ("policy.target_acc", 0.0, 1.0)):
-        node, leaf = key.split(".")
-        if not lo <= cfg[node][leaf] <= hi:
-            raise ValueError(f"config key {key!r} must be in [{lo:g}, {hi:g}], got {cfg[node][leaf]!r}")
-    tc = cfg["train"]
-    for key, choices in (("schedule", ("cosine", "constant")), ("optimizer", ("sgd", "adamw")),
-                         ("amp", ("bf16", "fp16", "off")), ("device", ("auto", "cpu", "cuda"))):
-        if tc[key] not in choices:
-            raise ValueError(f"config key 'train.{key}' must be one of {choices}, got {tc[key]!r}")
-    ks = cfg["defence"]["k_choices"]
+        if not lo <= flat[key] <= hi:
+            raise ValueError(f"config key {key!r} must be in [{lo:g}, {hi:g}], got {flat[key]!r}")
+    for key, choices in (("train.schedule", ("cosine", "constant")), ("train.optimizer", ("sgd", "adamw")),
+                         ("train.amp", ("bf16", "fp16", "off")), ("train.device", ("auto", "cpu", "cuda"))):
+        if flat[key] not in choices:
+            raise ValueError(f"config key {key!r} must be one of {choices}, got {flat[key]!r}")
+    ks = flat["defence.k_choices"]
     # the hybrid mask's k (build_defence checks defence.k the same way); a repeated k would weigh the policy
     if not ks or len(set(ks)) != len(ks) or any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 6 for k in ks):
         raise ValueError(f"config key 'defence.k_choices' must list distinct ints in 1..6, got {ks!r}")

@@ -40,7 +40,7 @@ from torch import nn
 import fastmix
 
 from . import eval as evaluation
-from .config import check_values
+from .config import check_values, flatten
 from .data import SKIPS, ResumableBatchSampler, collate_skipping, load_data, to_float
 from .defences import build_defence
 from .loss import MarginHead, mixed_label_loss
@@ -60,19 +60,9 @@ class ResumeMismatch(ValueError):
     """The out_dir holds a checkpoint written under another config (see RESUME_MAY_CHANGE)."""
 
 
-def _flatten(d: dict, path: str = "") -> dict:
-    out = {}
-    for key, val in d.items():
-        if isinstance(val, dict):
-            out.update(_flatten(val, f"{path}{key}."))
-        else:
-            out[f"{path}{key}"] = val
-    return out
-
-
 def config_changes(saved: dict, cfg: dict) -> list[str]:
     """``key: old -> new`` for every key outside RESUME_MAY_CHANGE on which two configs differ."""
-    a, b = _flatten(saved), _flatten(cfg)
+    a, b = flatten(saved), flatten(cfg)
     free = tuple(k for k in RESUME_MAY_CHANGE if k.endswith("."))
     return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b))
             if a.get(key) != b.get(key) and key not in RESUME_MAY_CHANGE and not key.startswith(free)]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from .config import CONFIG_ERRORS, error_text, load_config
 from .data import load_data
 from .loop import train
 
@@ -266,8 +266,8 @@ def main(argv=None) -> int:
         defences = parse_defences(args.defences)
         for c in args.configs:
             load_config(c, args.set)
-    except (KeyError, TypeError, ValueError, OSError) as e:
-        ap.error(e.args[0] if isinstance(e, KeyError) else str(e))
+    except CONFIG_ERRORS as e:
+        ap.error(error_text(e))
     t0 = time.time()
     tables = [run_table(c, defences, args.set, Path("out") / out.name, out.parent / out.name, args.reuse, args.reeval) for c in args.configs]
     info["wall_s"] = time.time() - t0

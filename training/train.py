@@ -15,9 +15,8 @@ import json
 import sys
 
 import torch.distributed as dist
-import yaml
 
-from .config import load_config
+from .config import CONFIG_ERRORS, error_text, load_config
 from .loop import ResumeMismatch, train
 
 
@@ -39,8 +38,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-    except (KeyError, TypeError, ValueError, OSError, yaml.YAMLError) as e:
-        ap.error(e.args[0] if isinstance(e, KeyError) else str(e))  # exit 2 with the usage line, no traceback
+    except CONFIG_ERRORS as e:
+        ap.error(error_text(e))  # exit 2 with the usage line, no traceback
     if args.out:
         cfg["out_dir"] = args.out
     try:

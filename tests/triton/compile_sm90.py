@@ -7,9 +7,9 @@
 Triton's interpreter (TRITON_INTERPRET=1) checks what the kernels compute; it does not check that they
 compile: the interpreter accepts Python that the compiler rejects, and says nothing about register spills.
 This script runs the real compiler pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin through the ptxas that
-ships with Triton) for an sm_90 target, which needs no driver, with the launch signatures the launchers
-use (pointer and multiple-of-16 integer arguments marked divisible by 16, as Triton specialises them at
-launch). Exit status 1 if a variant fails to compile, spills (a stack frame in the resource report) or
+ships with Triton) for an sm_90 (or, with --arch 80, sm_80) target, which needs no driver, with the launch
+signatures the launchers use (pointer and multiple-of-16 integer arguments marked divisible by 16, as Triton
+specialises them at launch). Exit status 1 if a variant fails to compile, spills (a stack frame in the resource report) or
 needs more shared memory than one block may have on that architecture (the launch would fail there).
 Must run WITHOUT TRITON_INTERPRET=1 (under the interpreter, @triton.jit gives no compilable function).
 """
