@@ -50,7 +50,11 @@ def best_threshold(scores: torch.Tensor, same: torch.Tensor) -> tuple[float, flo
     neg_below = torch.cat([torch.zeros(1), torch.cumsum(1 - y, 0)])
     pos_above = y.sum() - torch.cat([torch.zeros(1), torch.cumsum(y, 0)])
     acc = (neg_below + pos_above) / n
-    i = int(acc.argmax())
+    # A cut inside a run of equal scores cannot be realised by any threshold (score > thr puts the whole run
+    # on one side), so only cuts at the ends and between distinct values compete.
+    cut = torch.ones(n + 1, dtype=torch.bool)
+    cut[1:n] = s[1:] > s[:-1]
+    i = int(torch.where(cut, acc, torch.full_like(acc, -1.0)).argmax())
     lo = s[i - 1] if i > 0 else s[0] - 1e-3
     hi = s[i] if i < n else s[-1] + 1e-3
     return float((lo + hi) / 2), float(acc[i])

@@ -56,6 +56,22 @@ def test_verification_metrics():
     assert ro["folds_stratified"] and ro["accuracy"] == 1.0 and ro["accuracy_std"] == 0.0
 
 
+def test_best_threshold_tied_scores():
+    # Equal scores fall on one side of any threshold: the accuracy reported must be one a threshold gets,
+    # and the best such (a cut inside a tie used to claim 1.0 here and score 1/3 with its threshold).
+    thr, acc = best_threshold(torch.tensor([0.0, 0.0, 0.0]), torch.tensor([False, True, True]))
+    assert acc == pytest.approx(2 / 3) and thr < 0.0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        scores = torch.randint(0, 4, (n,), generator=g).float() / 4
+        same = torch.rand(n, generator=g) < 0.5
+        thr, acc = best_threshold(scores, same)
+        realised = ((scores > thr) == same).float().mean().item()
+        best = max(((scores > c) == same).float().mean().item() for c in [*(scores - 1e-3).tolist(), 2.0])
+        assert realised == pytest.approx(acc) and acc == pytest.approx(best)
+
+
 def test_identification():
     g = F.normalize(torch.eye(3).repeat_interleave(2, 0) + 0.01)
     gl = torch.arange(3).repeat_interleave(2)
