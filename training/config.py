@@ -33,6 +33,7 @@ DEFAULTS: dict = {
         "test_identities": 0.0,  # imagefolder without a pair list: identities held out for the test pairs
         "pairs": None,  # lfw: pair list evaluated at the end (default <data root>/lfw_pairsDevTest.txt)
         "bin_sets": [],  # .bin verification sets evaluated at the end (InsightFace format)
+        "val_bin": None,  # recordio: a .bin set, not one of bin_sets, subsampled to val_pairs for the policy
         "val_pairs": 300,  # genuine + impostor pairs drawn from the validation identities
         "test_pairs": 1000,  # ... and from the test identities (imagefolder without a pair list)
         "num_workers": 0,
@@ -140,7 +141,8 @@ def apply_overrides(cfg: dict, sets: list[str] | None) -> dict:
 OTHER_TYPES = {"defence.keep": (str, list), "out_dir": (str, os.PathLike)}
 # Keys whose default is None ("not set"): the type of a value that sets them.
 OPTIONAL_TYPES = {"data.root": (str, os.PathLike), "data.crop": (int,), "data.max_identities": (int,),
-                  "data.max_per_id": (int,), "data.pairs": (str, os.PathLike), "train.threads": (int,),
+                  "data.max_per_id": (int,), "data.pairs": (str, os.PathLike), "data.val_bin": (str, os.PathLike),
+                  "train.threads": (int,),
                   "train.max_steps_this_run": (int,)}
 
 
@@ -217,6 +219,14 @@ def check_values(cfg: dict) -> None:
                          ("train.amp", ("bf16", "fp16", "off")), ("train.device", ("auto", "cpu", "cuda"))):
         if flat[key] not in choices:
             raise ValueError(f"config key {key!r} must be one of {choices}, got {flat[key]!r}")
+    if flat["data.val_bin"] is not None:
+        if flat["data.kind"] != "recordio":
+            raise ValueError("config key 'data.val_bin' is read for data.kind=recordio only (the other kinds hold "
+                             f"out validation identities), got data.kind={flat['data.kind']!r}")
+        # The policy steers k by the validation accuracy: pairs it has seen must not be reported as a test.
+        if Path(flat["data.val_bin"]).name in {Path(b).name for b in flat["data.bin_sets"] or []}:
+            raise ValueError(f"config key 'data.val_bin' must not be one of data.bin_sets (the reported test sets), "
+                             f"got {flat['data.val_bin']!r}")
     ks = flat["defence.k_choices"]
     # the hybrid mask's k (build_defence checks defence.k the same way); a repeated k would weigh the policy
     if not ks or len(set(ks)) != len(ks) or any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 6 for k in ks):

@@ -571,14 +571,15 @@ def load_recordio(cfg: dict) -> DataBundle:
     train = RecordIOFaces(root / "train.rec", root / "train.idx", d["color"], d["size"], d["crop"])
     tests = [load_bin(b if Path(b).is_absolute() else root / b, d["color"], d["size"], d["crop"]) for b in d["bin_sets"] or []]
     bundle = DataBundle(train, train.num_classes, channels_of(d["color"]), tests=tests)
-    if tests:
-        # The policy's utility term needs held-out verification: the first .bin set, subsampled.
-        t = tests[0]
-        n = min(len(t.issame), int(d["val_pairs"]))
+    if d["val_bin"] is not None:
+        # The policy's utility term needs held-out verification: a .bin set that is not reported (check_values
+        # refuses one of bin_sets: the policy would be steered by test pairs), subsampled to val_pairs.
+        v = load_bin(d["val_bin"] if Path(d["val_bin"]).is_absolute() else root / d["val_bin"], d["color"], d["size"], d["crop"])
+        n = min(len(v.issame), int(d["val_pairs"]))
         g = torch.Generator().manual_seed(int(cfg["seed"]))
-        sel = torch.randperm(len(t.issame), generator=g)[:n]
+        sel = torch.randperm(len(v.issame), generator=g)[:n]
         pos = torch.stack([2 * sel, 2 * sel + 1], 1).flatten()
-        bundle.val = PairSet(t.name + "_val", t.images[pos], t.issame[sel])
+        bundle.val = PairSet(v.name + "_val", v.images[pos], v.issame[sel])
     bundle.info = {"train": len(train), "identities": train.num_classes, "root": str(root)}
     return bundle
 

@@ -317,6 +317,10 @@ def _train(cfg: dict, resume: bool, data) -> dict:
     if defence.adaptive:
         policy = Policy(pc, cfg["defence"]["k_choices"], data.num_classes, defence.color, seed, device)
         popt = torch.optim.Adam(policy.net.parameters(), lr=float(pc["lr"]))
+        if data.val is None and _is_main(rank):
+            warnings.warn("adaptive defence without a validation set (data.val_identities = 0, or data.val_bin unset "
+                          "for a RecordIO pack): the policy's accuracy term (policy.target_acc) is inactive, it "
+                          "maximises the FR loss alone", stacklevel=2)
         if world > 1:  # one policy for all ranks: start from rank 0's weights (DDP does the same for the network)
             with torch.no_grad():
                 for p in policy.parameters():
@@ -413,7 +417,7 @@ def _train(cfg: dict, resume: bool, data) -> dict:
         if world > 1:
             acc = acc.to(device) if dist.get_backend() == "nccl" else acc
             dist.broadcast(acc, 0)
-        if policy is not None:
+        if policy is not None and data.val is not None:  # no validation set: no accuracy, not "accuracy 0"
             policy.observe_validation(float(acc[0]))
         if res is not None:
             log({"kind": "val", "step": step, **res})

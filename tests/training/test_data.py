@@ -196,7 +196,7 @@ def test_shipped_gpu_config_runs_scaled_down_on_a_pack(tmp_path):
     pack = tmp_path / "pack"
     pack.mkdir()
     D.write_recordio_pack(pack / "train", [(_encode(im), int(y)) for im, y in zip(imgs, labels)])
-    for name in ("lfw", "cfp_fp", "agedb_30"):
+    for name in ("lfw", "cfp_fp", "agedb_30", "cfp_ff"):
         pairs = [_encode(imgs[i]) for i in range(8)]
         D.write_bin(pack / f"{name}.bin", pairs, [bool(labels[2 * p] == labels[2 * p + 1]) for p in range(4)])
     cfg = load_config(project_root() / "training" / "configs" / "ms1m_gpu.yaml", sets=[
@@ -209,4 +209,39 @@ def test_shipped_gpu_config_runs_scaled_down_on_a_pack(tmp_path):
     assert res["steps"] == 2 and res["input"] == [189, 112] and res["defence"] == "adaptive"
     assert sum(res["k_hist"].values()) == 2 * 4 and set(map(int, res["k_hist"])) <= {2, 3, 4, 5, 6}
     assert [t["set"] for t in res["tests"]] == ["lfw", "cfp_fp", "agedb_30"]
+    assert cfg["data"]["val_bin"] == "cfp_ff.bin"  # the policy's validation pairs: a set not reported
     assert all(0.0 <= t["accuracy"] <= 1.0 for t in res["tests"])
+
+
+def test_recordio_validation_is_never_a_reported_test_set(tmp_path, tiny):
+    """The policy steers k by its validation accuracy, so the validation pairs must not be a reported test set
+    (they were the first .bin set's pairs, reported in full as that set). Without data.val_bin there is no
+    validation: the policy's accuracy term is off (warned), not fed an accuracy of 0 (which drove k to its
+    smallest choice)."""
+    from training.config import load_config
+
+    imgs, labels = _faces(4, 4)
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    D.write_recordio_pack(pack / "train", [(_encode(im), int(y)) for im, y in zip(imgs, labels)])
+    for name in ("lfw", "cfp_ff"):
+        D.write_bin(pack / f"{name}.bin", [_encode(imgs[i]) for i in range(8)],
+                    [bool(labels[2 * p] == labels[2 * p + 1]) for p in range(4)])
+    over = {"data.kind": "recordio", "data.root": str(pack), "data.color": "rgb", "data.bin_sets": ["lfw.bin"],
+            "train.steps": 4, "train.eval_every": 2, "train.batch_size": 8, "data.num_workers": 0}
+
+    with pytest.warns(UserWarning, match="without a validation set"):
+        train(tiny(tmp_path / "noval", **over), resume=False)
+    ck = torch.load(tmp_path / "noval" / "ckpt.pt", weights_only=False)
+    assert int(ck["policy"]["val_seen"]) == 0 and float(ck["policy"]["lam"]) == tiny("x")["policy"]["penalty"]
+
+    res = train(tiny(tmp_path / "val", **over, **{"data.val_bin": "cfp_ff.bin", "data.val_pairs": 3}), resume=False)
+    ck = torch.load(tmp_path / "val" / "ckpt.pt", weights_only=False)
+    assert int(ck["policy"]["val_seen"]) >= 1 and [t["set"] for t in res["tests"]] == ["lfw"]
+    vals = [line for line in (tmp_path / "val" / "metrics.jsonl").read_text().splitlines() if '"kind": "val"' in line]
+    assert vals and all('"pairs": 3' in line for line in vals)
+
+    with pytest.raises(ValueError, match="data.val_bin.*must not be one of data.bin_sets"):
+        load_config(sets=["data.kind=recordio", f"data.root={pack}", "data.bin_sets=[lfw.bin]", "data.val_bin=lfw.bin"])
+    with pytest.raises(ValueError, match="data.val_bin.*recordio only"):
+        load_config(sets=["data.val_bin=cfp_ff.bin"])
