@@ -54,6 +54,20 @@ def test_decoder_smoke(name, over, known):
     assert rec.abs().max() <= 1 and int(tg.max()) < 6
 
 
+def test_reconstruct_mixes_victims_in_shuffled_batches():
+    """Victim sets come ordered by identity; training mixes shuffled batches, so the attack must too (batches
+    of consecutive victims held a few people each, and partners shared the target's identity far more often).
+    Row j stays victim j's own mix."""
+    faces = synthetic(4, 10)  # 4 identities x 10 faces, in identity order
+    plain = A.train_decoder(defence_for("none"), faces.images, steps=1, batch=4, width=4)
+    _, _, tg = A.reconstruct(plain, faces.images, batch=10)
+    assert tg.tolist() == list(range(40))  # no mixing: every row decodes to its own face
+    mix = A.train_decoder(defence_for("hybrid", k=3), faces.images, steps=1, batch=4, width=4)
+    _, _, tg = A.reconstruct(mix, faces.images, batch=10)
+    # dominant partners from outside the row's block of 10 consecutive victims: only with shuffled batches
+    assert (tg // 10 != torch.arange(40) // 10).sum() >= 10
+
+
 def _model(name, **over):
     from training.loss import MarginHead
     from training.model import build_model

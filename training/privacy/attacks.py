@@ -169,18 +169,25 @@ def train_decoder(defence: Defence, faces_u8: torch.Tensor, *, sign_known: bool 
 
 @torch.no_grad()
 def reconstruct(dec: Decoder, faces_u8: torch.Tensor, seed: int = 0, batch: int = 40, k_dist=None):
-    """Protect the victims' faces (N, C, S, S) uint8 in batches of ``batch`` (training-time mixing among
-    victims) and decode. Returns (protected pseudo-inverse for display, reconstruction, target row) with the
-    target row into faces_u8 (the dominant partner for mixing defences)."""
+    """Protect the victims' faces (N, C, S, S) uint8 in random batches of ``batch`` (training-time mixing
+    among victims) and decode. Returns (protected pseudo-inverse for display, reconstruction, target row),
+    row j being the mix that holds victim j's face, with the target row into faces_u8 (the dominant partner
+    for mixing defences)."""
+    n = faces_u8.shape[0]
     g = torch.Generator().manual_seed(10_000 + seed)
+    # Victim sets are ordered by identity: consecutive batches of 40 would hold ~7 people, so partners would
+    # share the dominant face's identity 2-3x as often as in training's shuffled batches (a leak overstated).
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(20_000 + seed))
     shown, recon, target = [], [], []
-    for i in range(0, faces_u8.shape[0], batch):
-        x = to_float(faces_u8[i : i + batch])
-        p = protect(dec.defence, x, g, k_dist)
+    for i in range(0, n, batch):
+        rows = perm[i : i + batch]
+        p = protect(dec.defence, to_float(faces_u8[rows]), g, k_dist)
         shown.append(pseudo_inverse(dec.defence, p.z))
         recon.append(dec(p))
-        target.append(p.target + i)
-    return torch.cat(shown), torch.cat(recon), torch.cat(target)
+        target.append(rows[p.target])
+    at = torch.empty_like(perm)
+    at[perm] = torch.arange(n)  # victim j's mix sits at position at[j] of the processing order
+    return torch.cat(shown)[at], torch.cat(recon)[at], torch.cat(target)[at]
 
 
 # ----------------------------------------------------------------------------------------------------
