@@ -4,6 +4,8 @@ Both take a torch.Generator so that a training run is reproducible; neither loop
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 LAWS = ("instahide", "dirichlet")
@@ -68,8 +70,8 @@ def sample_weights(
         raise ValueError(f"law must be one of {LAWS}, got {law!r}")
     if not (isinstance(upper, (int, float)) and 0 < upper <= 1):
         raise ValueError(f"upper must be in (0, 1], got {upper!r}")
-    if not (isinstance(alpha, (int, float)) and alpha > 0):
-        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < math.inf):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     dev = _device(generator, device)
     if active is None:
         act = torch.full((n,), k, dtype=torch.int64, device=dev)
@@ -86,8 +88,9 @@ def sample_weights(
         # which does take one, and normalise (a Dirichlet sample).
         g = torch._standard_gamma(conc, generator=generator) * mask
         return g / g.sum(1, keepdim=True)
-    lowest = int(act.min()) if n else k
-    if lowest >= 2 and upper * lowest <= 1:
+    multi = act[act >= 2]  # rows of one active partner have weight 1: the bound does not apply to them
+    lowest = int(multi.min()) if multi.numel() else k
+    if multi.numel() and upper * lowest <= 1:
         # At upper * k == 1 only the uniform row meets the bound, which a random draw hits with probability 0.
         raise ValueError(f"upper={upper} cannot hold with {lowest} partners: it needs upper * k > 1")
     w = torch.zeros(n, k, device=dev)

@@ -72,6 +72,7 @@ CASES = {
     "keep_float_tensor": (lambda: fm(keep=torch.tensor([1.0, 2.0])), TypeError, r"keep must be None, a bool mask"),
     "keep_float_list": (lambda: fm(keep=[1, 2.5]), TypeError, r"keep must be None"),
     "keep_int": (lambda: fm(keep=5), TypeError, r"keep must be None"),
+    "keep_bool_list": (lambda: fm(keep=[False, True]), TypeError, r"keep as a list holds channel ids \(ints\), got bools"),
     "keep_string": (lambda: fm(keep="no_dc"), TypeError, r"keep must be None"),
     # --- seed ------------------------------------------------------------------------------------
     "seed_negative": (lambda: fm(seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
@@ -79,6 +80,7 @@ CASES = {
     "seed_huge": (lambda: fm(seed=2**80), ValueError, r"seed must be in"),
     "seed_float": (lambda: fm(seed=1.0), TypeError, r"seed must be None or an int"),
     "seed_bool": (lambda: fm(seed=True), TypeError, r"seed must be None or an int"),
+    "seed_bool_tensor": (lambda: fm(seed=torch.tensor(True)), TypeError, r"seed must be None or an int"),
     "seed_string": (lambda: fm(seed="42"), TypeError, r"seed must be None or an int"),
     "seed_tensor_float": (lambda: fm(seed=torch.tensor(1.5)), TypeError, r"seed must be None or an int"),
     # --- out -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 
 import fastmix
 from fastmix.ops.freq_mix import freq_mix_ref
@@ -18,6 +18,7 @@ from _fastmix_testing import (
     rand_index,
     rand_weight,
     randn,
+    run_on,
     weight4,
 )
 
@@ -416,3 +417,111 @@ def test_expanded_and_strided_output_gradients(backend, gen):
     gx3, gw3 = torch.autograd.grad((y * g).sum(), [x, w])
     assert_close_f64(gx2, gx3, rel=1e-13)
     assert_close_f64(gw2, gw3, rel=1e-13)
+
+
+@pytest.mark.parametrize("wkind,out", [("img", "channels"), ("cfreq", "pixels")])
+def test_double_backward(backend, gen, one_thread, wkind, out):
+    """Second-order gradients (gradient penalties, Hessian-vector products) through the op. The C++ and
+    Triton backward ops have their own autograd (built from the forward and backward ops: the output is
+    bilinear in x and weight); without it they came back as zeros with only a once-shown warning."""
+    x = randn(gen, 3, 2, 8, 16, dtype=torch.float64).requires_grad_()
+    index = torch.tensor([[0, 1, 1], [2, 2, 0], [1, 0, 2]])
+    wt = rand_weight(gen, wkind, 3, 3, 2, dtype=torch.float64).requires_grad_()
+    fn = lambda x, wt: fastmix.freq_mix(x, index, wt, keep=[0, 3, 64, 100], seed=11, out=out)  # noqa: E731
+    assert gradgradcheck(fn, (x, wt), fast_mode=True)
+
+
+@pytest.mark.parametrize("out", ["channels", "pixels"])
+def test_double_backward_matches_reference_with_skipped_partners(backend, gen, out):
+    """A zero-weight partner is absent from every derivative, second order included, as in autograd through
+    the reference (its NaN pixels never reach them)."""
+    x = randn(gen, 3, 2, 8, 16, dtype=torch.float64)
+    x[2, 0, 0, 0] = float("nan")
+    index = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 1, 0]])
+    wt = rand_weight(gen, "freq", 3, 3, 2, dtype=torch.float64)
+    wt[0, 2] = 0.0  # row 0 skips image 2 (the NaN), every frequency
+    wt[1, 0] = 0.0
+    index2 = index.clone()
+    index2[1, 0] = 1  # row 1 must not reach the NaN either
+
+    def second_order(run):
+        xr, wr = x[:2].clone().requires_grad_(), wt.clone().requires_grad_()
+        xs = torch.cat([xr, x[2:]])  # the NaN image takes no gradient
+
+        def go():
+            y = fastmix.freq_mix(xs, index2, wr, keep=[0, 5, 64, 127], seed=4, out=out)
+            gx, gw = torch.autograd.grad((y**2).sum(), (xr, wr), create_graph=True)
+            return torch.autograd.grad((gx**3).sum() + (gw**2).sum(), (xr, wr))
+
+        return run(go)
+
+    got = second_order(lambda f: f())
+    want = second_order(lambda f: run_on("torch", f))
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and b.abs().max() > 0
+        assert_close_f64(a, b, rel=1e-12)
+
+
+def test_forward_mode_and_func_transforms_are_refused_not_zero(backend, gen):
+    """The fused kernels have reverse-mode autograd only: forward-mode AD gave no tangent (zeros, silently)
+    and torch.func.grad failed inside torch. The torch backend (pure PyTorch) supports both."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import grad, jvp, vmap
+
+    x = randn(gen, 3, 2, 8, 8)
+    index = torch.tensor([[0, 1], [2, 0]])
+    w = rand_weight(gen, "img", 2, 2, 2)
+    calls = {
+        "freq_mix": lambda x, w: fastmix.freq_mix(x, index, w, seed=3),
+        "frontend": lambda x, w: fastmix.frontend(x[:, :1, :2, :2], color="none", index=index, weight=w),
+        "block_dct": lambda x, w: fastmix.block_dct(x) * w.sum(),
+    }
+    for name, f in calls.items():
+        if backend == "torch":
+            _, t = jvp(lambda w: f(x, w), (w,), (torch.ones_like(w),))
+            assert t.abs().max() > 0
+            assert grad(lambda w: f(x, w).sum())(w).shape == w.shape
+            continue
+        with pytest.raises(NotImplementedError, match=f"fastmix.{name}: .*forward-mode AD"):
+            with fwad.dual_level():
+                f(fwad.make_dual(x, torch.ones_like(x)), w)
+        with pytest.raises(NotImplementedError, match=f"fastmix.{name}: torch.func.grad / jvp"):
+            jvp(lambda x: f(x, w), (x,), (torch.ones_like(x),))
+        with pytest.raises(NotImplementedError, match=f"fastmix.{name}: torch.func.grad / jvp"):
+            grad(lambda x: f(x, w).sum())(x)
+    # vmap alone runs (PyTorch's per-sample fallback) and agrees with a loop
+    ws = rand_weight(gen, "img", 3, 2, 2).view(3, 1, 2).expand(3, 2, 2).contiguous()
+    got = vmap(lambda w: fastmix.freq_mix(x, index, w))(ws)
+    assert_close_f64(got, torch.stack([fastmix.freq_mix(x, index, w) for w in ws]), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_an_inference_mode_call_first_does_not_break_training(backend, gen, dtype):
+    """The ops cache constant tensors (transform matrices, geometry, keep slots). Built under
+    torch.inference_mode() (an evaluation pass that runs first), they were inference tensors, and every later
+    call that needs a gradient failed: "Inference tensors cannot be saved for backward"."""
+    x = randn(gen, 4, 3, 16, 24, dtype=dtype)
+    index = torch.tensor([[0, 1], [1, 2]])
+    w = rand_weight(gen, "img", 2, 2, 3, dtype=dtype)
+    faces = x[:, :, :3, :2].clamp(-1, 1)
+    keep = [2, 7, 77]  # a keep set and sizes no other test uses: the caches are filled here first
+    with torch.inference_mode():
+        fastmix.freq_mix(x, index, w, keep=keep)
+        fastmix.frontend(faces, upsample=8, keep=keep)
+        fastmix.block_dct(x)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    fastmix.freq_mix(xr, index, wr, keep=keep).sum().backward()
+    fr = faces.clone().requires_grad_()
+    fastmix.frontend(fr, upsample=8, keep=keep).sum().backward()
+    fastmix.block_dct(xr).sum().backward()
+    assert xr.grad is not None and wr.grad is not None and fr.grad is not None
+
+
+def test_dct_matrix_is_a_copy():
+    """Writing to the matrix fastmix.dct_matrix() returns must not change later transforms (it returned the
+    cached float64 tensor itself)."""
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    before = fastmix.block_dct(x)
+    fastmix.dct_matrix().mul_(2)
+    fastmix.dct_matrix(8, torch.float32).mul_(2)
+    torch.testing.assert_close(fastmix.block_dct(x), before, rtol=0, atol=0)

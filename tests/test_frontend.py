@@ -9,7 +9,7 @@ import pytest
 import scipy.fft
 import torch
 import torch.nn.functional as F
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 from torch.profiler import ProfilerActivity, profile
 
 import fastmix
@@ -198,6 +198,22 @@ def test_inverse_with_keep(gen):
         fastmix.frontend_inverse(z, upsample=0, keep=NO_DC)
     with pytest.raises(ValueError, match="color"):
         fastmix.frontend_inverse(z, color="rgb")
+    for bad in (2.5, "1", -1, True):
+        with pytest.raises(ValueError, match="channels must be an int >= 1"):
+            fastmix.frontend_inverse(zg, upsample=1, color="none", keep=[1, 2, 3], channels=bad)
+    with pytest.raises(ValueError, match="channels must be 3 for color='ycbcr'"):
+        fastmix.frontend_inverse(z, upsample=1, keep=NO_DC, channels=1)  # was silently ignored
+
+
+def test_inverse_dtype_and_empty(gen):
+    """The image comes back in z's dtype (16-bit z gave float32), and an empty block grid (a frontend of an
+    empty image) gives an empty image instead of an error from the resampling."""
+    x = rand_faces(gen, 2, 3, 4, 4)
+    z = fastmix.frontend(x, upsample=2)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        assert fastmix.frontend_inverse(z.to(dt), upsample=2).dtype == dt
+    z0 = fastmix.frontend(rand_faces(gen, 2, 3, 0, 4), upsample=2)
+    assert fastmix.frontend_inverse(z0, upsample=2).shape == (2, 3, 0, 4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,6 +351,15 @@ def test_gradcheck_full_jacobian(backend, gen, one_thread):
     assert gradcheck(fn, (x, wt))
     fx = lambda x: fastmix.frontend(x, upsample=2, color="ycbcr", keep=[1, 9, 64, 66, 129, 191])  # noqa: E731
     assert gradcheck(fx, (rand_faces(gen, 1, 3, 4, 4, dtype=torch.float64).requires_grad_(),))
+
+
+def test_double_backward(backend, gen, one_thread):
+    """Second-order gradients through the front-end (its mix op has a differentiable backward)."""
+    x = rand_faces(gen, 2, 3, 2, 3, dtype=torch.float64).requires_grad_()
+    index = torch.tensor([[0, 1], [1, 1], [1, 0]])
+    wt = (torch.rand(3, 2, generator=gen, dtype=torch.float64) + 0.1).requires_grad_()
+    fn = lambda x, wt: fastmix.frontend(x, upsample=8, index=index, weight=wt, keep=[1, 8, 70, 150], seed=2)  # noqa: E731
+    assert gradgradcheck(fn, (x, wt), fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)

@@ -124,6 +124,36 @@ def test_keep_presets(gen, keep, n_kept, dropped):
     torch.testing.assert_close(masked, want, rtol=1e-6, atol=1e-5)
 
 
+def test_keep_in_the_forms_the_ops_take(gen):
+    """None, a bool mask, an id tensor and a one-shot iterable: as freq_mix takes them (None failed at
+    forward with "'NoneType' object is not iterable", a mask with "duplicate channel ids", a generator
+    worked once)."""
+    x = randn(gen, 3, 3, 8, 8)
+    full = fastmix.to_channels(fastmix.block_dct(x))
+    mask64 = torch.zeros(64, dtype=torch.bool)
+    mask64[[1, 9]] = True
+    for keep, ids in [(None, list(range(192))), (mask64, [1, 9, 65, 73, 129, 137]),
+                      (torch.tensor([70, 5]), [5, 70]), ((i for i in [3, 4]), [3, 4])]:
+        m = HybridMask(k=1, upsample=None, keep=keep, sign_flip=False)
+        for _ in range(2):
+            torch.testing.assert_close(m(x, labels_for(3))[0], full[:, ids], rtol=1e-6, atol=1e-5)
+        assert "keep=" in repr(m)
+    with pytest.raises(TypeError, match="keep must be a preset"):
+        HybridMask(k=2, keep=3)
+
+
+def test_weights_mixed_are_the_weights_returned(gen):
+    """freq_mix gets the float32 weights the loss gets, also for 16-bit images (they were rounded to the
+    image dtype for the mix only)."""
+    x = randn(gen, 4, 3, 8, 8)
+    m = HybridMask(k=3, upsample=None, keep="all", sign_flip=False, generator=torch.Generator().manual_seed(1))
+    plan = m.plan(4)
+    got = m.apply(x.to(torch.bfloat16), plan).float()
+    want = fastmix.freq_mix(x.to(torch.bfloat16).float(), plan.index, plan.weight)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert (fastmix.freq_mix(x.to(torch.bfloat16), plan.index, plan.weight).float() == got).all()
+
+
 def test_partialface_per_colour():
     assert keep_ids("partialface", 1) == [f for f in range(64) if f not in PARTIALFACE]
     ids4 = keep_ids("partialface", 4)

@@ -173,19 +173,22 @@ def test_active_padding_gives_exact_zeros(law):
         (dict(n=4, k=2, upper=0.0), ValueError, "upper must be in"),
         (dict(n=4, k=2, upper=1.5), ValueError, "upper must be in"),
         (dict(n=4, k=3, upper=0.3), ValueError, "upper"),  # 3 * 0.3 < 1: no weight vector can satisfy it
-        (dict(n=4, k=2, law="dirichlet", alpha=0.0), ValueError, "alpha must be > 0"),
-        (dict(n=4, k=2, law="dirichlet", alpha=-1.0), ValueError, "alpha must be > 0"),
+        (dict(n=4, k=2, law="dirichlet", alpha=0.0), ValueError, "alpha must be a finite number > 0"),
+        (dict(n=4, k=2, law="dirichlet", alpha=-1.0), ValueError, "alpha must be a finite number > 0"),
+        (dict(n=4, k=2, law="dirichlet", alpha=float("inf")), ValueError, "alpha must be a finite number > 0"),
         (dict(n=3, k=3, active=torch.tensor([1, 2])), ValueError, "active"),
         (dict(n=3, k=3, active=torch.tensor([1.0, 2.0, 3.0])), ValueError, "active"),
         (dict(n=3, k=3, active=torch.tensor([0, 2, 3])), ValueError, "active values"),
         (dict(n=3, k=3, active=torch.tensor([1, 2, 4])), ValueError, "active values"),
         (dict(n=3, k=3, upper=0.45, active=torch.tensor([2, 3, 3])), ValueError, "upper"),
+        # rows of one partner are exempt from the bound, not a reason to skip the check (10,000 redraws)
+        (dict(n=3, k=3, upper=0.4, active=torch.tensor([1, 2, 3])), ValueError, "upper=0.4 cannot hold with 2"),
         (dict(n=3.0, k=3), TypeError, "n must be an int"),
         (dict(n=3, k=3, generator=torch.Generator(), device="meta"), ValueError, "generator"),
     ],
     ids=[
         "k0", "n_negative", "law_unknown", "upper_0", "upper_1.5", "upper_times_k_below_1", "alpha_0",
-        "alpha_negative", "active_shape", "active_float", "active_0", "active_above_k", "upper_with_active",
+        "alpha_negative", "alpha_inf", "active_shape", "active_float", "active_0", "active_above_k", "upper_with_active", "upper_with_active_1",
         "n_float", "generator_device",
     ],
 )

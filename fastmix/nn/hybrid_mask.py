@@ -17,8 +17,11 @@ KEEP_PRESETS = ("all", "no_dc", "partialface")
 
 
 def keep_ids(preset, channels: int) -> list[int] | None:
-    """Channel ids kept by a preset ("all", "no_dc", "partialface") or an explicit id list, for C colours."""
+    """Channel ids kept by a preset ("all", "no_dc", "partialface") for C colours, or an explicit keep as the
+    ops take it (None, a list of ids, an id tensor or a bool mask), passed through for them to check."""
     c = channels
+    if preset is None or isinstance(preset, torch.Tensor):
+        return preset
     if isinstance(preset, str):
         if preset == "all":
             return None
@@ -45,7 +48,8 @@ class HybridMask(nn.Module):
     Args:
         k: partners per output (int >= 1), or the maximum k when forward gets a per-sample ``k`` tensor.
         law, upper, alpha: weight law (see :func:`fastmix.sample_weights`).
-        keep: "all", "no_dc", "partialface" or explicit channel ids.
+        keep: "all", "no_dc", "partialface", or what the ops take: None (all), channel ids (a list or an
+            integer tensor) or a bool mask (C*64,) or (64,).
         sign_flip: draw a fresh seed per call and flip signs.
         upsample: None -> x is already an image on the DCT grid and :func:`fastmix.freq_mix` runs;
             an int -> x is a [-1, 1] face and the fused :func:`fastmix.frontend` runs (channels out).
@@ -91,6 +95,10 @@ class HybridMask(nn.Module):
             raise ValueError("out='pixels' needs upsample=None (the frontend produces channels)")
         if isinstance(keep, str) and keep not in KEEP_PRESETS:
             raise ValueError(f"keep must be one of {KEEP_PRESETS} or a list of channel ids, got {keep!r}")
+        if not (keep is None or isinstance(keep, (str, torch.Tensor)) or hasattr(keep, "__iter__")):
+            raise TypeError(f"keep must be a preset {KEEP_PRESETS}, None, channel ids or a bool mask, got {type(keep).__name__}")
+        if not (keep is None or isinstance(keep, (str, torch.Tensor))):
+            keep = list(keep)  # a generator would be used up by the first call
         self.k, self.law, self.upper, self.alpha = k, law, upper, alpha
         self.keep, self.sign_flip, self.upsample, self.color, self.out = keep, sign_flip, upsample, color, out
         self.generator = generator
@@ -136,7 +144,8 @@ class HybridMask(nn.Module):
         c = x.shape[1] if x.dim() == 4 else 1
         ids = keep_ids(self.keep, c)
         if self.upsample is None:
-            return freq_mix(x, index, weight.to(x.dtype), keep=ids, seed=plan.seed, out=self.out)
+            # weights as drawn (float32): the ones the loss gets (rounded to x's dtype, the two would differ)
+            return freq_mix(x, index, weight, keep=ids, seed=plan.seed, out=self.out)
         return frontend(x, upsample=self.upsample, color=self.color, keep=ids, index=index, weight=weight, seed=plan.seed)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor | None = None, plan: MixPlan | None = None):
@@ -161,7 +170,9 @@ class HybridMask(nn.Module):
             self.generator.set_state(st)
 
     def extra_repr(self) -> str:
-        keep = self.keep if isinstance(self.keep, str) else f"{len(self.keep)} ids"
+        keep = (self.keep if isinstance(self.keep, str) or self.keep is None
+                else f"mask of {int(self.keep.sum())}" if isinstance(self.keep, torch.Tensor) and self.keep.dtype == torch.bool
+                else f"{len(self.keep)} ids")
         src = "freq_mix" if self.upsample is None else f"frontend(upsample={self.upsample}, color={self.color})"
         return (
             f"k={self.k}, law={self.law}, upper={self.upper}, keep={keep}, sign_flip={self.sign_flip}, "

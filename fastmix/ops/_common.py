@@ -5,9 +5,29 @@ naming the argument: the kernels may then assume well-formed inputs.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor_cache(maxsize: int | None):
+    """functools.lru_cache for functions that build constant tensors (transform matrices, geometry, keep
+    slots), built outside inference mode: a tensor made under ``torch.inference_mode()`` (an evaluation pass
+    that happens to run first) cannot be saved for backward, and the cache would hand it to every later
+    training call. Callers must not modify the tensors returned."""
+
+    def deco(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return fn(*args)
+
+        return cached
+
+    return deco
 
 
 def check_float_tensor(t, name: str, *, dims: int | None = None, min_dims: int | None = None) -> None:
@@ -92,3 +112,30 @@ def zeros_result(shape, dtype: torch.dtype, like: torch.Tensor, *inputs: torch.T
     if torch.is_grad_enabled() and tracked:
         out = out + sum(t.reshape(-1)[:0].sum() for t in tracked).to(dtype)
     return out
+
+
+def check_autodiff_mode(op: str, *tensors) -> None:
+    """The fused kernels have reverse-mode autograd (torch.autograd, double backward included) and nothing
+    else: under forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) their outputs would carry no
+    tangent, silently, and torch.func.grad fails inside torch with a message that does not name fastmix.
+    Both are refused here with what works instead. (vmap runs through PyTorch's per-sample fallback.)"""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        used = {i.key() for i in retrieve_all_functorch_interpreters()} & {TransformType.Grad, TransformType.Jvp}
+        if used:
+            raise NotImplementedError(
+                f"fastmix.{op}: torch.func.grad / jvp (and jacrev, jacfwd, hessian) are not supported by the "
+                "fused kernels; use torch.autograd.grad (double backward works), or FASTMIX_BACKEND=torch (the "
+                "pure-PyTorch reference) for torch.func transforms")
+    import torch.autograd.forward_ad as fwad
+
+    if getattr(fwad, "_current_level", -1) >= 0 and any(
+        isinstance(t, torch.Tensor) and fwad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        raise NotImplementedError(
+            f"fastmix.{op}: forward-mode AD (dual tensors) is not supported by the fused kernels; use "
+            "torch.autograd (reverse mode), or FASTMIX_BACKEND=torch (the pure-PyTorch reference) for jvp")

@@ -5,20 +5,19 @@ Read top to bottom: reference -> op registration (C++ kernels in csrc/cpu/dct.cp
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from .. import _backend
-from ._common import check_block, check_float_tensor, check_multiple, compute_dtype
+from ._common import check_autodiff_mode, check_block, check_float_tensor, check_multiple, compute_dtype, tensor_cache
 
 # ----------------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@tensor_cache(maxsize=None)
 def _dct_matrix_f64(block: int) -> torch.Tensor:
     u = torch.arange(block, dtype=torch.float64).view(-1, 1)
     x = torch.arange(block, dtype=torch.float64).view(1, -1)
@@ -32,7 +31,7 @@ def dct_matrix(block: int = 8, dtype=torch.float64, device=None) -> torch.Tensor
 
     A tile X transforms as D @ X @ D.T (u vertical, v horizontal frequency); the inverse is D.T @ Y @ D.
     """
-    return _dct_matrix_f64(block).to(dtype=dtype, device=device)
+    return _dct_matrix_f64(block).to(dtype=dtype, device=device, copy=True)  # never the cached tensor itself
 
 
 def _tiles(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -140,6 +139,8 @@ def _block_transform(x: torch.Tensor, block: int, inverse: bool, name: str) -> t
     check_multiple(x.shape[-2], block, f"{arg}'s height (dim -2)")
     check_multiple(x.shape[-1], block, f"{arg}'s width (dim -1)")
     backend = _backend.choose(x.device, name)
+    if backend != "torch":
+        check_autodiff_mode(name, x)
     if backend == "cpu" or backend == "cuda":
         return torch.ops.fastmix.block_dct(x, block, inverse)
     if backend == "triton":

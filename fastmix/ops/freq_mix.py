@@ -11,7 +11,6 @@ per-sample k are ignored, and every backend, the reference included, implements 
 """
 from __future__ import annotations
 
-import functools
 import operator
 
 import torch
@@ -19,10 +18,12 @@ import torch
 from .. import _backend
 from .._compile import constant_result
 from ._common import (
+    check_autodiff_mode,
     check_float_tensor,
     check_multiple,
     check_same_device,
     compute_dtype,
+    tensor_cache,
     wants_index_check,
     zeros_result,
 )
@@ -69,9 +70,13 @@ def normalize_keep(keep, channels: int, device: torch.device) -> tuple[int, ...]
             raise TypeError(f"keep must be None, a bool mask, an integer tensor of channel ids or a list of ints, got a {keep.dtype} tensor")
     else:
         try:
-            ids = tuple(operator.index(i) for i in keep)
+            items = list(keep)
+            ids = tuple(operator.index(i) for i in items)
         except TypeError:
             raise TypeError(f"keep must be None, a bool mask, an integer tensor of channel ids or a list of ints, got {type(keep).__name__}") from None
+        if any(isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.dtype == torch.bool) for i in items):
+            # read as ids, [True, False] would keep channels 1 and 0 (operator.index(True) == 1)
+            raise TypeError("keep as a list holds channel ids (ints), got bools; pass a mask as a torch.bool tensor")
         ids = _check_ids(ids, channels)
     return ids
 
@@ -96,7 +101,7 @@ def keep_positions(ids: tuple[int, ...], channels: int, device) -> torch.Tensor:
     return _keep_positions(ids, channels, torch.device(device))
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def _keep_positions(ids, channels, device):
     pos = [-1] * channels
     for slot, i in enumerate(ids):
@@ -198,7 +203,7 @@ def dct_geometry(size: int, dtype: torch.dtype, device: torch.device):
     return _dct_geometry(size, dtype, torch.device(device))
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _dct_geometry(size, dtype, device):
     nb = size // BLOCK
     a = dct_matrix(BLOCK, dtype, device).expand(nb, BLOCK, BLOCK).contiguous()
@@ -235,6 +240,8 @@ def register_ops() -> None:
 
     backward, setup = mix_autograd(torch.ops.fastmix.mix_bwd)
     torch.library.register_autograd("fastmix::mix_fwd", backward, setup_context=setup)
+    backward, setup = mix_bwd_autograd(torch.ops.fastmix.mix_fwd, torch.ops.fastmix.mix_bwd)
+    torch.library.register_autograd("fastmix::mix_bwd", backward, setup_context=setup)
     _registered = True
 
 
@@ -265,6 +272,46 @@ def mix_autograd(bwd_op):
         gx, gw = bwd_op(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start,
                         need_x, need_w)
         return (gx if need_x else None, None, gw if need_w else None) + (None,) * 10
+
+    return backward, setup
+
+
+def mix_bwd_autograd(fwd_op, bwd_op):
+    """(backward, setup_context) of a mix_bwd op: double backward (gradient penalties, Hessian-vector
+    products), from the two ops themselves, so every order works.
+
+    The output is bilinear in (x, weight): Y = F(x, w). Its backward gives gx = F_w^T g and gw = F_x^T g,
+    both linear in g, so for incoming gradients (ggx, ggw) of (gx, gw):
+        d/dg = F(ggx, w) + F(x, ggw)      (two forwards)
+        d/dx = F_{ggw}^T g                (the x gradient of a backward with weights ggw)
+        d/dw = F_{ggx}^T g                (the weight gradient of a backward with input ggx)
+    A zero-weight partner is absent from the first-order gradients (skipped, NaN pixels included), so ggw
+    is zeroed there first: the same derivatives as autograd through the reference."""
+
+    def setup(ctx, inputs, output):
+        grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, need_x, need_w = inputs
+        ctx.save_for_backward(grad, x, index, weight, pos, row_mat, row_start, col_mat, col_start)
+        ctx.args = (seed, use_seed, pixels, need_x, need_w)
+
+    def backward(ctx, ggx, ggw):
+        grad, x, index, weight, pos, row_mat, row_start, col_mat, col_start = ctx.saved_tensors
+        seed, use_seed, pixels, need_x, need_w = ctx.args
+        geom = (row_mat, row_start, col_mat, col_start)
+        ggx = ggx if need_x else None  # a gradient that was not computed (an empty tensor) has no derivative
+        ggw = torch.where(weight != 0, ggw, torch.zeros((), dtype=ggw.dtype, device=ggw.device)) if need_w and ggw is not None else None
+        # mix_fwd's n_kept sizes the channels output (that of grad); "pixels" only checks pos against it.
+        n_kept = pos.shape[0] if pixels else grad.shape[1]
+        d_grad = d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            for inp, w in ((ggx, weight), (x, ggw)):
+                if inp is not None and w is not None:
+                    t = fwd_op(inp, index, w, pos, n_kept, seed, use_seed, pixels, *geom, grad.dtype)
+                    d_grad = t if d_grad is None else d_grad + t
+        if ctx.needs_input_grad[1] and ggw is not None:
+            d_x = bwd_op(grad, x, index, ggw, pos, seed, use_seed, pixels, *geom, True, False)[0]
+        if ctx.needs_input_grad[3] and ggx is not None:
+            d_w = bwd_op(grad, ggx, index, weight, pos, seed, use_seed, pixels, *geom, False, True)[1]
+        return (d_grad, d_x, None, d_w) + (None,) * 10
 
     return backward, setup
 
@@ -334,6 +381,7 @@ def freq_mix(x, index, weight, *, keep=None, seed=None, out="channels"):
         cd = compute_dtype(x.dtype)
         ch = to_channels(block_dct_ref(x.to(cd)))
         return mix_channels_ref(ch, index, weight4, ids, seed, pixels, x.dtype)
+    check_autodiff_mode("freq_mix", x, weight)
     cd = compute_dtype(x.dtype)
     rows = dct_geometry(h, cd, x.device)
     cols = dct_geometry(w, cd, x.device)

@@ -14,7 +14,6 @@ Read top to bottom: reference (materialising, the executable spec) -> geometry -
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -22,7 +21,14 @@ import torch.nn.functional as F
 
 from .. import _backend
 from .._compile import constant_result
-from ._common import check_float_tensor, check_same_device, compute_dtype, zeros_result
+from ._common import (
+    check_autodiff_mode,
+    check_float_tensor,
+    check_same_device,
+    compute_dtype,
+    tensor_cache,
+    zeros_result,
+)
 from .dct import block_dct_ref, block_idct_ref, dct_matrix, from_channels, to_channels
 from .freq_mix import (
     BLOCK,
@@ -73,7 +79,7 @@ def ycbcr_constants(dtype: torch.dtype, device: torch.device):
     return _ycbcr_constants(dtype, torch.device(device))
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _ycbcr_constants(dtype, device):
     return YCBCR.to(dtype=dtype, device=device), YCBCR_SHIFT.to(dtype=dtype, device=device)
 
@@ -128,7 +134,7 @@ def upsample_matrix(size: int, upsample: int) -> torch.Tensor:
     return u
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _upsample_geometry_f64(size: int, upsample: int):
     u = upsample_matrix(size, upsample)
     nb = size * upsample // BLOCK
@@ -154,7 +160,7 @@ def upsample_geometry(size: int, upsample: int, dtype: torch.dtype, device: torc
     return _upsample_geometry(size, upsample, dtype, torch.device(device))
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _upsample_geometry(size, upsample, dtype, device):
     a, start = _upsample_geometry_f64(size, upsample)
     return a.to(dtype=dtype, device=device), start.to(device)
@@ -221,6 +227,7 @@ def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None
     if backend == "torch":
         u = color_transform(upsample_ref(to_255(x.to(cd)), upsample), color)
         return mix_channels_ref(to_channels(block_dct_ref(u)), index, weight4, ids, seed, False, out_dtype)
+    check_autodiff_mode("frontend", x, weight)
     # The colour transform runs at source resolution (1/upsample^2 of the work), as its own pass with its
     # own gradient (torch ops, or one Triton kernel: CONFIG["color_pass"]); the fused kernel does
     # upsampling, DCT, mixing, keep and signs.
@@ -259,6 +266,11 @@ def frontend_inverse(z, *, upsample=8, color="ycbcr", keep=None, channels=None, 
     if size not in (None, "upsampled"):
         raise ValueError(f"size must be None or 'upsampled', got {size!r}")
     m, nk, hb, wb = z.shape
+    if channels is not None:
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be an int >= 1, got {channels!r}")
+        if color == "ycbcr" and channels != 3:
+            raise ValueError(f"channels must be 3 for color='ycbcr', got {channels}")
     if color == "ycbcr":
         c = 3
     elif channels is not None:
@@ -276,7 +288,8 @@ def frontend_inverse(z, *, upsample=8, color="ycbcr", keep=None, channels=None, 
     full = z.new_zeros((m, c * FREQS, hb, wb), dtype=cd)
     full[:, list(ids)] = z.to(cd)
     img = inverse_color_transform(block_idct_ref(from_channels(full)), color)
-    if size == "upsampled" or upsample == 1:
-        return img
-    h, w = hb * BLOCK // upsample, wb * BLOCK // upsample
-    return F.interpolate(img, size=(h, w), mode="bilinear", align_corners=True)
+    if size != "upsampled" and upsample != 1:
+        h, w = hb * BLOCK // upsample, wb * BLOCK // upsample
+        # interpolate refuses empty images; an empty one needs no resampling
+        img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=True) if img.numel() else img.new_zeros((m, c, h, w))
+    return img.to(z.dtype)  # computed in float32 for 16-bit z, returned in z's dtype like the other ops

@@ -68,11 +68,12 @@ def check_seed(seed) -> int | None:
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):
-        # numpy / torch integer scalars are accepted through __index__
+        # numpy / torch integer scalars are accepted through __index__; bools are not seeds, in any wrapper
+        # (operator.index(torch.tensor(True)) is 1)
         try:
             import operator
 
-            if isinstance(seed, bool):
+            if isinstance(seed, bool) or type(seed).__name__ == "bool_" or (isinstance(seed, torch.Tensor) and seed.dtype == torch.bool):
                 raise TypeError
             seed = operator.index(seed)
         except TypeError:

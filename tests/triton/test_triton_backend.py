@@ -288,6 +288,53 @@ def test_gradients_are_deterministic():
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("out", ["channels", "pixels"])
+def test_double_backward_through_the_kernels(out):
+    """Second-order gradients of fp32 inputs go through the Triton ops (the backward op's autograd is
+    built from the forward and backward ops) and match autograd through the float64 reference, skipped
+    (zero-weight) partners included."""
+    g = _gen(15)
+    x = torch.randn(3, 2, 8, 16, generator=g)
+    index = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 1, 0]])
+    wt = torch.rand(3, 3, 64, generator=g) + 0.1
+    wt[0, 2] = 0.0
+
+    def second_order(x, wt):
+        xr, wr = x.clone().requires_grad_(), wt.clone().requires_grad_()
+        y = fastmix.freq_mix(xr, index, wr, keep=[0, 5, 64, 127], seed=4, out=out)
+        gx, gw = torch.autograd.grad((y**2).sum(), (xr, wr), create_graph=True)
+        return torch.autograd.grad((gx**3).sum() + (gw**2).sum(), (xr, wr))
+
+    got = second_order(x, wt)
+    os.environ["FASTMIX_BACKEND"] = "torch"  # the fixture's monkeypatch restores "triton" afterwards
+    want = second_order(x.double(), wt.double())
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("color_pass", ["triton", "torch"])
+def test_frontend_double_backward(config, color_pass):
+    """Second-order gradients through the front-end's kernels: the colour pass (its adjoint has a gradient
+    of its own, the linear part of the colour map) and the mix."""
+    config["color_pass"] = color_pass
+    g = _gen(16)
+    x = torch.rand(2, 3, 2, 3, generator=g) * 2 - 1
+    index = torch.tensor([[0, 1], [1, 1], [1, 0]])
+    wt = torch.rand(3, 2, generator=g) + 0.1
+
+    def second_order(x, wt):
+        xr, wr = x.clone().requires_grad_(), wt.clone().requires_grad_()
+        y = fastmix.frontend(xr, index=index, weight=wr, keep=[1, 8, 70, 150], seed=2)
+        gx, gw = torch.autograd.grad((y**2).sum() / 1e4, (xr, wr), create_graph=True)
+        return torch.autograd.grad((gx**2).sum() + (gw**2).sum(), (xr, wr))
+
+    got = second_order(x, wt)
+    os.environ["FASTMIX_BACKEND"] = "torch"
+    want = second_order(x.double(), wt.double())
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+
+
 # ----------------------------------------------------------------------------------------------------
 # Signs: bit-identical to the specification and to the CPU backend
 # ----------------------------------------------------------------------------------------------------

@@ -11,12 +11,11 @@ CONFIG["color_pass"] selects it; the gradient is the same kernel with A^T and no
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from .._common import tensor_cache
 from . import interpreter_compat
 
 BLOCK_PIXELS = 1024
@@ -49,7 +48,7 @@ def _launch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _constants(device: torch.device):
     """(A, b, A^T, zeros) in float32 on ``device``, folded in float64 once (no host copy on warm calls)."""
     from ..frontend import YCBCR, YCBCR_SHIFT
@@ -74,10 +73,15 @@ def _(x, adjoint):
 
 
 def _setup(ctx, inputs, output):
-    ctx.dtype = inputs[0].dtype
+    ctx.dtype, ctx.adjoint = inputs[0].dtype, inputs[1]
 
 
 def _backward(ctx, grad):
+    if ctx.adjoint:
+        # The adjoint's own gradient (double backward) is the map's linear part, A per pixel: a 3x3
+        # product in torch (not a hot path), differentiable in turn.
+        a = _constants(grad.device)[0]
+        return torch.einsum("ij,njhw->nihw", a, grad.float()).to(ctx.dtype), None
     return torch.ops.fastmix.ycbcr_triton(grad, True).to(ctx.dtype), None
 
 

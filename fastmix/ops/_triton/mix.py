@@ -70,7 +70,7 @@ import triton.language as tl
 
 from . import CONFIG, dot_precision, interpreter_compat, option, row_fastest, tile_config
 from .dct import _cast_out, _kron8, _tile_coords, block_dct_forward, check_plane, rne_bf16
-from ..freq_mix import mix_autograd, mix_fwd_fake
+from ..freq_mix import mix_autograd, mix_bwd_autograd, mix_fwd_fake
 from .sign import _apply_sign, _apply_sign_premixed, _plane_hash, kernel_key, sign_planes
 
 BLOCK = 8
@@ -974,6 +974,8 @@ def _(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, row_start, c
 
 _backward, _setup = mix_autograd(torch.ops.fastmix.mix_bwd_triton)
 mix_fwd_triton.register_autograd(_backward, setup_context=_setup)
+_backward, _setup = mix_bwd_autograd(torch.ops.fastmix.mix_fwd_triton, torch.ops.fastmix.mix_bwd_triton)
+mix_bwd_triton.register_autograd(_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------------------------------
