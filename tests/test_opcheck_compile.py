@@ -172,3 +172,39 @@ def test_compile_fresh_seed_per_call_does_not_recompile(backend, gen, fresh_dyna
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for seed in range(100, 112):  # more distinct seeds than dynamo's recompile limit (8)
         torch.testing.assert_close(compiled(x, seed), f(x, seed))
+
+
+def test_compile_two_keep_sets_in_one_graph(backend, gen, fresh_dynamo):
+    """Two keep sets (and the frontend's default next to an explicit one) in one graph: baked in as
+    constants named after their function, they collided in Inductor ("ConstantSource(source_name=
+    'keep_positions') already in seen_sources"); they come from ops now."""
+    x = randn(gen, 4, 3, 8, 16)
+    faces = rand_faces(gen, 4, 3, 1, 2)
+    index, weight = rand_index(gen, 4, 3, 2), rand_weight(gen, "img", 3, 2, 3)
+
+    def f(x, weight):
+        a = fastmix.freq_mix(x, index, weight, keep=[1, 2, 70])
+        b = fastmix.freq_mix(x, index, weight, keep=[3, 4])
+        c = fastmix.frontend(faces, upsample=8, index=index, weight=weight)
+        return torch.cat([a.flatten(1), b.flatten(1), c.flatten(1) / 100], 1)
+
+    _compare_compiled(f, [x, weight], backend, rtol=1e-4, atol=1e-3)
+
+
+def test_compile_image_size_changes(backend, gen, fresh_dynamo):
+    """ORL (112x92) then LFW-sized (112x112) faces through one compiled function: the second size made
+    Dynamo pass a symbolic size to the geometry, which fullgraph refused; each size gets its geometry."""
+    index, weight = rand_index(gen, 2, 2, 2), rand_weight(gen, "img", 2, 2, 1)
+
+    def f(x, weight):
+        return fastmix.frontend(x, upsample=2, color="none", index=index, weight=weight, seed=5)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if backend == "torch" else "inductor")
+    for h, w in [(8, 12), (8, 16), (12, 20)]:  # three sizes: Dynamo turns to dynamic shapes after the second
+        x = rand_faces(gen, 2, 1, h, w)
+        torch.testing.assert_close(compiled(x, weight), f(x, weight), rtol=1e-4, atol=1e-3)
+    y = randn(gen, 2, 1, 16, 24)
+    g = torch.compile(lambda y: fastmix.freq_mix(y, index, weight), fullgraph=True, backend="aot_eager")
+    for hw in [(16, 24), (8, 16), (24, 8)]:
+        y = randn(gen, 2, 1, *hw)
+        torch.testing.assert_close(g(y), fastmix.freq_mix(y, index, weight))

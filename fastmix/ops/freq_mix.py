@@ -16,7 +16,6 @@ import operator
 import torch
 
 from .. import _backend
-from .._compile import constant_result
 from ._common import (
     check_autodiff_mode,
     check_float_tensor,
@@ -91,13 +90,14 @@ def _check_ids(ids, channels):
     return s
 
 
-@constant_result
 def keep_positions(ids: tuple[int, ...], channels: int, device) -> torch.Tensor:
     """(channels,) int32: output slot of each channel id, -1 where removed (what the kernels read).
 
     Cached per (ids, channels, device): a call with the same keep set copies nothing from the host, so
-    the ops can be captured in a CUDA graph once warm.
+    the ops can be captured in a CUDA graph once warm. In a compiled graph, an op's copy of it (below).
     """
+    if _is_compiling():
+        return torch.ops.fastmix_const.keep_positions(list(ids), channels, torch.device(device))
     return _keep_positions(ids, channels, torch.device(device))
 
 
@@ -107,6 +107,24 @@ def _keep_positions(ids, channels, device):
     for slot, i in enumerate(ids):
         pos[i] = slot
     return torch.tensor(pos, dtype=torch.int32, device=device)
+
+
+# Under torch.compile the cached constants (keep slots, transform geometry, colour matrices) enter the graph
+# through these ops, which return copies of them: a few hundred bytes to a few kilobytes per call, next to
+# megabytes of images. Baked in as constants instead (torch.compiler.assume_constant_result), Dynamo names
+# each after its function, so a second keep set in one graph collided ("ConstantSource(source_name=
+# 'keep_positions') already in seen_sources" in inductor), and a symbolic image size (a compiled function's
+# second size) could not be passed at all. The eager path reads the caches directly.
+
+
+@torch.library.custom_op("fastmix_const::keep_positions", mutates_args=())
+def _keep_positions_op(ids: list[int], channels: int, device: torch.device) -> torch.Tensor:
+    return _keep_positions(tuple(ids), channels, device).clone()
+
+
+@_keep_positions_op.register_fake
+def _(ids, channels, device):
+    return torch.empty(channels, dtype=torch.int32, device=device)
 
 
 def check_index(index, n: int, m_name: str = "index") -> torch.Tensor:
@@ -194,13 +212,26 @@ def freq_mix_ref(x, index, weight, *, keep=None, seed=None, out="channels"):
 # (fastmix/ops/frontend.py). One kernel serves both.
 # ----------------------------------------------------------------------------------------------------
 
-@constant_result
 def dct_geometry(size: int, dtype: torch.dtype, device: torch.device):
     """(A, start) for the plain 8x8 block DCT along one axis of length ``size``: A (size/8, 8, 8).
 
-    Cached per (size, dtype, device), so that warm calls copy nothing from the host.
+    Cached per (size, dtype, device), so that warm calls copy nothing from the host; in a compiled graph,
+    an op's copy of it (see keep_positions).
     """
+    if _is_compiling():
+        return torch.ops.fastmix_const.dct_geometry(size, dtype, torch.device(device))
     return _dct_geometry(size, dtype, torch.device(device))
+
+
+@torch.library.custom_op("fastmix_const::dct_geometry", mutates_args=())
+def _dct_geometry_op(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.clone() for t in _dct_geometry(size, dtype, device))
+
+
+@_dct_geometry_op.register_fake
+def _(size, dtype, device):
+    nb = size // BLOCK
+    return torch.empty(nb, BLOCK, BLOCK, dtype=dtype, device=device), torch.empty(nb, dtype=torch.int64, device=device)
 
 
 @tensor_cache(maxsize=64)

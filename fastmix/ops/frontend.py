@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._compile import constant_result
 from ._common import (
     check_autodiff_mode,
     check_float_tensor,
@@ -33,6 +32,7 @@ from .dct import block_dct_ref, block_idct_ref, dct_matrix, from_channels, to_ch
 from .freq_mix import (
     BLOCK,
     FREQS,
+    _is_compiling,
     check_index,
     check_weight,
     mix_channels_ref,
@@ -72,11 +72,23 @@ def color_transform(v: torch.Tensor, color: str) -> torch.Tensor:
     return torch.einsum("dc,nchw->ndhw", m, v) + shift.view(1, 3, 1, 1)
 
 
-@constant_result
 def ycbcr_constants(dtype: torch.dtype, device: torch.device):
     """(M, shift) of color_transform on ``device``, cached: a host-to-device copy per call would be a
-    host sync (PyTorch waits for a blocking copy from pageable memory), two per frontend call."""
+    host sync (PyTorch waits for a blocking copy from pageable memory), two per frontend call. In a compiled
+    graph, an op's copy of them (see fastmix.ops.freq_mix.keep_positions)."""
+    if _is_compiling():
+        return torch.ops.fastmix_const.ycbcr_constants(dtype, torch.device(device))
     return _ycbcr_constants(dtype, torch.device(device))
+
+
+@torch.library.custom_op("fastmix_const::ycbcr_constants", mutates_args=())
+def _ycbcr_constants_op(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.clone() for t in _ycbcr_constants(dtype, device))
+
+
+@_ycbcr_constants_op.register_fake
+def _(dtype, device):
+    return torch.empty(3, 3, dtype=dtype, device=device), torch.empty(3, dtype=dtype, device=device)
 
 
 @tensor_cache(maxsize=16)
@@ -134,15 +146,32 @@ def upsample_matrix(size: int, upsample: int) -> torch.Tensor:
     return u
 
 
+def _patch_spans(size: int, upsample: int) -> tuple[list[tuple[int, int]], int]:
+    """The source pixels each output block reads ((first, last) per block) and the patch width R: the
+    nonzero columns of upsample_matrix's 8-row bands, in plain Python (the compiled graph's shape function
+    needs R without running tensor code)."""
+    out = size * upsample
+    scale = (size - 1) / (out - 1) if size > 1 and out > 1 else 0.0
+    spans = []
+    for i in range(out // BLOCK):
+        cols = set()
+        for p in range(BLOCK * i, BLOCK * (i + 1)):
+            src = p * scale
+            i0 = min(int(math.floor(src)), size - 1)
+            lam = src - i0
+            if lam != 1.0:
+                cols.add(i0)
+            if lam != 0.0:
+                cols.add(min(i0 + 1, size - 1))
+        spans.append((min(cols), max(cols)))
+    return spans, max((hi - lo + 1 for lo, hi in spans), default=1)
+
+
 @tensor_cache(maxsize=64)
 def _upsample_geometry_f64(size: int, upsample: int):
     u = upsample_matrix(size, upsample)
     nb = size * upsample // BLOCK
-    spans = []
-    for i in range(nb):
-        nz = u[BLOCK * i : BLOCK * (i + 1)].abs().sum(0).nonzero().flatten()
-        spans.append((int(nz.min()), int(nz.max())))
-    r = max(hi - lo + 1 for lo, hi in spans)
+    spans, r = _patch_spans(size, upsample)
     d = dct_matrix(BLOCK)
     a = torch.zeros(nb, BLOCK, r, dtype=torch.float64)
     start = torch.zeros(nb, dtype=torch.int64)
@@ -153,11 +182,26 @@ def _upsample_geometry_f64(size: int, upsample: int):
     return a, start
 
 
-@constant_result
 def upsample_geometry(size: int, upsample: int, dtype: torch.dtype, device: torch.device):
-    """(A (size*upsample/8, 8, R), start (size*upsample/8,)) for one axis; a constant for torch.compile,
-    cached per device so that warm calls copy nothing from the host."""
+    """(A (size*upsample/8, 8, R), start (size*upsample/8,)) for one axis, cached per device so that warm
+    calls copy nothing from the host; in a compiled graph, an op's copy (see freq_mix.keep_positions)."""
+    if _is_compiling():
+        return torch.ops.fastmix_const.upsample_geometry(size, upsample, dtype, torch.device(device))
     return _upsample_geometry(size, upsample, dtype, torch.device(device))
+
+
+@torch.library.custom_op("fastmix_const::upsample_geometry", mutates_args=())
+def _upsample_geometry_op(size: int, upsample: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.clone() for t in _upsample_geometry(size, upsample, dtype, device))
+
+
+@_upsample_geometry_op.register_fake
+def _(size, upsample, dtype, device):
+    # R, the source patch per block, depends on the size through the resampling: specialise a symbolic size
+    # (one graph per image size, as without dynamic shapes)
+    r = _patch_spans(int(size), upsample)[1]
+    nb = size * upsample // BLOCK
+    return torch.empty(nb, BLOCK, r, dtype=dtype, device=device), torch.empty(nb, dtype=torch.int64, device=device)
 
 
 @tensor_cache(maxsize=64)
