@@ -12,6 +12,11 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def is_compiling() -> bool:
+    """True while Dynamo traces (data-dependent checks and cached constants take other routes then)."""
+    return torch.compiler.is_compiling()
+
+
 def tensor_cache(maxsize: int | None):
     """functools.lru_cache for functions that build constant tensors (transform matrices, geometry, keep
     slots), built outside inference mode: a tensor made under ``torch.inference_mode()`` (an evaluation pass
@@ -119,7 +124,7 @@ def check_autodiff_mode(op: str, *tensors) -> None:
     else: under forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) their outputs would carry no
     tangent, silently, and torch.func.grad fails inside torch with a message that does not name fastmix.
     Both are refused here with what works instead. (vmap runs through PyTorch's per-sample fallback.)"""
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return
     if torch._C._functorch.peek_interpreter_stack() is not None:
         from torch._C._functorch import TransformType

@@ -22,6 +22,7 @@ from ._common import (
     check_multiple,
     check_same_device,
     compute_dtype,
+    is_compiling,
     tensor_cache,
     wants_index_check,
     zeros_result,
@@ -35,10 +36,6 @@ FREQS = BLOCK * BLOCK
 # ----------------------------------------------------------------------------------------------------
 # Argument normalisation (shared by every backend and by the frontend)
 # ----------------------------------------------------------------------------------------------------
-
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 def normalize_keep(keep, channels: int, device: torch.device) -> tuple[int, ...]:
@@ -96,7 +93,7 @@ def keep_positions(ids: tuple[int, ...], channels: int, device) -> torch.Tensor:
     Cached per (ids, channels, device): a call with the same keep set copies nothing from the host, so
     the ops can be captured in a CUDA graph once warm. In a compiled graph, an op's copy of it (below).
     """
-    if _is_compiling():
+    if is_compiling():
         return torch.ops.fastmix_const.keep_positions(list(ids), channels, torch.device(device))
     return _keep_positions(ids, channels, torch.device(device))
 
@@ -140,7 +137,7 @@ def check_index(index, n: int, m_name: str = "index") -> torch.Tensor:
     # A data-dependent check: on a GPU it syncs the stream (fastmix.set_index_checks turns it off there),
     # and it cannot run inside a compiled graph or a CUDA-graph capture, where the C++ kernels still
     # check the range themselves.
-    if index.numel() and not _is_compiling() and wants_index_check(index):
+    if index.numel() and not is_compiling() and wants_index_check(index):
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= n:
             raise IndexError(f"{m_name} values must be in [0, {n}) (N = x.shape[0]), got values in [{lo}, {hi}]")
@@ -218,7 +215,7 @@ def dct_geometry(size: int, dtype: torch.dtype, device: torch.device):
     Cached per (size, dtype, device), so that warm calls copy nothing from the host; in a compiled graph,
     an op's copy of it (see keep_positions).
     """
-    if _is_compiling():
+    if is_compiling():
         return torch.ops.fastmix_const.dct_geometry(size, dtype, torch.device(device))
     return _dct_geometry(size, dtype, torch.device(device))
 

@@ -25,6 +25,7 @@ from ._common import (
     check_float_tensor,
     check_same_device,
     compute_dtype,
+    is_compiling,
     tensor_cache,
     zeros_result,
 )
@@ -32,7 +33,6 @@ from .dct import block_dct_ref, block_idct_ref, dct_matrix, from_channels, to_ch
 from .freq_mix import (
     BLOCK,
     FREQS,
-    _is_compiling,
     check_index,
     check_weight,
     mix_channels_ref,
@@ -76,7 +76,7 @@ def ycbcr_constants(dtype: torch.dtype, device: torch.device):
     """(M, shift) of color_transform on ``device``, cached: a host-to-device copy per call would be a
     host sync (PyTorch waits for a blocking copy from pageable memory), two per frontend call. In a compiled
     graph, an op's copy of them (see fastmix.ops.freq_mix.keep_positions)."""
-    if _is_compiling():
+    if is_compiling():
         return torch.ops.fastmix_const.ycbcr_constants(dtype, torch.device(device))
     return _ycbcr_constants(dtype, torch.device(device))
 
@@ -185,7 +185,7 @@ def _upsample_geometry_f64(size: int, upsample: int):
 def upsample_geometry(size: int, upsample: int, dtype: torch.dtype, device: torch.device):
     """(A (size*upsample/8, 8, R), start (size*upsample/8,)) for one axis, cached per device so that warm
     calls copy nothing from the host; in a compiled graph, an op's copy (see freq_mix.keep_positions)."""
-    if _is_compiling():
+    if is_compiling():
         return torch.ops.fastmix_const.upsample_geometry(size, upsample, dtype, torch.device(device))
     return _upsample_geometry(size, upsample, dtype, torch.device(device))
 
