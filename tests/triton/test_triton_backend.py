@@ -270,6 +270,10 @@ def test_zero_weight_skips_nan_partner():
     assert torch.isfinite(y).all()
     y.sum().backward()
     assert torch.isfinite(xg.grad[:2]).all() and (xg.grad[2] == 0).all()
+    # the same in float64 (the exact reference path): the weight gradient too
+    x64, w64 = x.double(), wt.double().requires_grad_()
+    fastmix.freq_mix(x64, index, w64).sum().backward()
+    assert torch.isfinite(w64.grad).all() and w64.grad[0, 1] == 0 and w64.grad[1, 1] == 0
     # and NaN does propagate through a nonzero weight, to exactly that output
     y2 = fastmix.freq_mix(x, index, torch.tensor([[0.7, 0.1], [0.5, 0.0], [0.0, 1.0]]))
     assert torch.isnan(y2[0]).all() and torch.isfinite(y2[1:]).all()

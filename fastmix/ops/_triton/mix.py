@@ -102,7 +102,9 @@ def mix_reference(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat
     g = coef[index]  # (M, k, C*64, Hb, Wb)
     wt = weight.to(x.dtype)
     wt = wt.view(m, k, 1, 1, 1) if wt.dim() == 2 else wt.expand(m, k, c, FREQS).reshape(m, k, c * FREQS, 1, 1)
-    y = torch.where(wt != 0, wt * g, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+    # where() before the product, as in freq_mix_ref: a skipped partner's NaN pixels must not reach the
+    # weight gradient through 0 * NaN (wt * g inside the where gives d/dwt = g there)
+    y = (wt * torch.where(wt != 0, g, torch.zeros((), dtype=x.dtype, device=x.device))).sum(1)
     if use_seed:
         y = y * sign_ref(seed, m, c * FREQS, hb, wb, device=x.device, dtype=x.dtype)
     keep = pos >= 0
