@@ -78,6 +78,8 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
         if triton_available() and triton_interpret():
             out.append("triton")
     elif dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return []  # no such device here: nothing runs on it (not even the reference)
         if triton_available():
             out.append("triton")
         if cuda_extension() is not None:

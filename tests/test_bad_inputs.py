@@ -252,6 +252,14 @@ def test_missing_gpu_backends_say_what_to_install(monkeypatch):
         _backend.choose(torch.device("cuda", 0), "freq_mix")
 
 
+def test_no_backends_for_a_device_this_machine_lacks(monkeypatch):
+    """available_backends lists what can run on the device in this process: nothing, without CUDA (it listed
+    "torch" and "triton" for "cuda" on a machine without a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fastmix.available_backends("cuda") == []
+    assert fastmix.available_backends("cpu")[0] == "torch"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Imports (fresh interpreters: this process has long imported everything)
 # ----------------------------------------------------------------------------------------------------

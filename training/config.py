@@ -203,7 +203,15 @@ def error_text(e: BaseException) -> str:
 
 def check_values(cfg: dict) -> None:
     """Ranges and choices the loop relies on, checked before any data is read (ValueError naming the key).
-    Choices that a module checks where it reads them (model.arch, head.type, defence.name, ...) stay there."""
+    The choices of the modules that read them (defence.name, model.arch, ...) come from those modules, and
+    are checked here too, so that the command line reports them in one line before any work."""
+    from fastmix.samplers import LAWS
+
+    from .data import LOADERS
+    from .defences import NAMES
+    from .loss import HEADS
+    from .model import LAYERS
+
     flat = flatten(cfg)
     for key, low in (("train.steps", 1), ("train.batch_size", 1), ("train.log_every", 1), ("train.eval_every", 0),
                      ("train.ckpt_every", 0), ("train.warmup", 0), ("train.max_steps_this_run", 1),
@@ -212,11 +220,16 @@ def check_values(cfg: dict) -> None:
                      ("defence.upsample", 1), ("defence.drop_lowest", 0), ("defence.partialface_subsets", 1)):
         if flat[key] is not None and flat[key] < low:
             raise ValueError(f"config key {key!r} must be >= {low}, got {flat[key]!r}")
-    for key, lo, hi in (("eval.far", 0.0, 1.0), ("policy.explore", 0.0, 1.0), ("policy.target_acc", 0.0, 1.0)):
+    for key, lo, hi in (("eval.far", 0.0, 1.0), ("policy.target_acc", 0.0, 1.0)):
         if not lo <= flat[key] <= hi:
             raise ValueError(f"config key {key!r} must be in [{lo:g}, {hi:g}], got {flat[key]!r}")
+    if not 0.0 <= flat["policy.explore"] < 1.0:  # 1 would make the policy's choice irrelevant
+        raise ValueError(f"config key 'policy.explore' must be in [0, 1), got {flat['policy.explore']!r}")
     for key, choices in (("train.schedule", ("cosine", "constant")), ("train.optimizer", ("sgd", "adamw")),
-                         ("train.amp", ("bf16", "fp16", "off")), ("train.device", ("auto", "cpu", "cuda"))):
+                         ("train.amp", ("bf16", "fp16", "off")), ("train.device", ("auto", "cpu", "cuda")),
+                         ("defence.name", NAMES), ("defence.law", LAWS), ("defence.partialface_eval", ("random", "all")),
+                         ("model.arch", (*LAYERS, "small", "tiny")), ("head.type", HEADS),
+                         ("data.kind", tuple(LOADERS)), ("data.color", ("grey", "rgb"))):
         if flat[key] not in choices:
             raise ValueError(f"config key {key!r} must be one of {choices}, got {flat[key]!r}")
     if flat["data.val_bin"] is not None:

@@ -181,8 +181,9 @@ def interpolate(points, x: float) -> float | None:
     return pts[0][1] if len(pts) == 1 and pts[0][0] == x else None
 
 
-def summarize(paths: list[str]) -> tuple[dict, str]:
-    """Mean / std per defence over the tables in ``paths`` (one seed each), and the adaptive-vs-curve test."""
+def summarize(paths: list[str], out: str | None = None) -> tuple[dict, str]:
+    """Mean / std per defence over the tables in ``paths`` (one seed each), and the adaptive-vs-curve test;
+    ``out`` (the --out given) completes the command quoted in the table."""
     import statistics
 
     per: dict[str, list] = {}
@@ -216,7 +217,8 @@ def summarize(paths: list[str]) -> tuple[dict, str]:
         agg.append({"defence": name, "seeds": [s for s, _ in runs], "test_accuracy": ms(acc), "k_mean": ms(km),
                     "k_mean_last20": ms([r["k_mean_last20"] for _, r in runs])})
     lines = [f"# {', '.join(sorted(names))}: test accuracy over seeds {sorted(set(seeds))}", "",
-             f"Summarised by `python -m training.results --summarize {' '.join(paths)}` from the tables of those runs "
+             f"Summarised by `python -m training.results --summarize {' '.join(paths)}{f' --out {out}' if out else ''}` "
+             "from the tables of those runs "
              "(each file names the command, machine and date it was measured with).", "",
              "| defence | seeds | test accuracy (mean ± std) | mean k (all) | mean k (last 20%) |", "|---|---|---|---|---|"]
     for a in agg:
@@ -243,7 +245,9 @@ def main(argv=None) -> int:
     ap.add_argument("--summarize", nargs="+", metavar="TABLE.json", help="summarise earlier tables over seeds (trains nothing)")
     ap.add_argument("--defences", default=DEFAULT_DEFENCES, help=f"comma-separated name or name:k (default {DEFAULT_DEFENCES})")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    ap.add_argument("--out", default="training/results/results", help="output path without extension (.md and .json)")
+    ap.add_argument("--out", default="training/results/results",
+                    help="output path without extension (.md and .json, curves beside them); each run's own folder "
+                         "(checkpoint, metrics) goes to out/<basename of --out>/runs/ under the current directory")
     ap.add_argument("--reuse", action="store_true", help="reuse a run whose results.json exists with the same config (an interrupted table)")
     ap.add_argument("--reeval", action="store_true", help="with --reuse: evaluate the reused runs' final checkpoints again")
     args = ap.parse_args(argv)
@@ -253,7 +257,7 @@ def main(argv=None) -> int:
         missing = [p for p in args.summarize if not Path(p).is_file()]
         if missing:
             ap.error(f"--summarize: no such file(s): {', '.join(missing)}")
-        data, md = summarize(args.summarize)
+        data, md = summarize(args.summarize, args.out)
         out.with_suffix(".json").write_text(json.dumps(data, indent=1))
         out.with_suffix(".md").write_text(md)
         print(md)

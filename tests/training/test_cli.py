@@ -64,7 +64,15 @@ def test_config_values_take_their_defaults_type(tmp_path):
     ("defence.k_choices=[2,2]", "'defence.k_choices'"),
     ("eval.folds=1", "'eval.folds' must be >= 2"),
     ("eval.far=2", "'eval.far' must be in [0, 1]"),
-    ("policy.explore=-0.1", "'policy.explore' must be in [0, 1]"),
+    ("policy.explore=-0.1", "'policy.explore' must be in [0, 1)"),
+    ("policy.explore=1.0", "'policy.explore' must be in [0, 1)"),  # the policy refused it at run time
+    # choices of the modules that read them: a traceback after the data had loaded before
+    ("defence.name=bogus", "'defence.name' must be one of"),
+    ("model.arch=resnet", "'model.arch' must be one of"),
+    ("head.type=softmax", "'head.type' must be one of"),
+    ("defence.law=beta", "'defence.law' must be one of"),
+    ("data.kind=csv", "'data.kind' must be one of"),
+    ("data.color=bgr", "'data.color' must be one of"),
 ])
 def test_config_values_in_range(setting, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):

@@ -2,8 +2,8 @@
 
     python -m training.privacy                                  # ORL and LFW, seeds 0-4, full budget -> training/privacy/results/ (~50 min, 2 cores)
     python -m training.privacy --sets orl --seeds 0 1           # a subset
-    python -m training.privacy --reuse                          # rebuild the report from out/privacy/<set>_s<seed>/run.json
-    python -m training.privacy --budget smoke --out /tmp/p      # seconds: a smoke run of the whole pipeline
+    python -m training.privacy --reuse                          # the report from out/privacy/<set>_s<seed>/run.json (runs what is missing)
+    python -m training.privacy --budget smoke --sets orl --seeds 0 --out /tmp/p --work /tmp/pw   # about a minute: the whole pipeline
 """
 from __future__ import annotations
 
@@ -67,8 +67,10 @@ def main(argv=None) -> int:
         for seed in a.seeds:
             rdir = work / f"{s}_s{seed}"
             r = json.loads((rdir / "run.json").read_text()) if a.reuse and (rdir / "run.json").exists() else None
+            if a.reuse and r is None:
+                print(f"[privacy] --reuse: no {rdir / 'run.json'}; running {s} seed {seed}")
             if r is not None and not _same_request(r, defs, scenarios, BUDGETS[a.budget]):
-                print(f"[privacy] not reusing {rdir / 'run.json'}: it ran other defences, scenarios or budget")
+                print(f"[privacy] not reusing {rdir / 'run.json'}: it ran other defences, scenarios or budget; running it again")
                 r = None
             if r is not None:
                 r["images"] = torch.load(rdir / "images.pt", weights_only=False)
