@@ -140,6 +140,8 @@ def test_keep_in_the_forms_the_ops_take(gen):
         assert "keep=" in repr(m)
     with pytest.raises(TypeError, match="keep must be a preset"):
         HybridMask(k=2, keep=3)
+    with pytest.raises(TypeError, match="got bools"):
+        HybridMask(k=1, upsample=None, keep=[True, False])(x, labels_for(3))
 
 
 def test_weights_mixed_are_the_weights_returned(gen):

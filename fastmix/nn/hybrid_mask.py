@@ -29,6 +29,8 @@ def keep_ids(preset, channels: int) -> list[int] | None:
         if drop is None:
             raise ValueError(f"keep must be one of {KEEP_PRESETS} or a list of channel ids, got {preset!r}")
         return [ch for ch in range(c * FREQS) if ch % FREQS not in drop]
+    if any(isinstance(i, bool) for i in preset):  # int(True) would make it channel 1
+        raise TypeError("keep as a list holds channel ids (ints), got bools; pass a mask as a torch.bool tensor")
     return [int(i) for i in preset]
 
 
