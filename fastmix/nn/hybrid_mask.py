@@ -18,10 +18,9 @@ KEEP_PRESETS = ("all", "no_dc", "partialface")
 
 def keep_ids(preset, channels: int) -> list[int] | None:
     """Channel ids kept by a preset ("all", "no_dc", "partialface") for C colours, or an explicit keep as the
-    ops take it (None, a list of ids, an id tensor or a bool mask), passed through for them to check."""
+    ops take it (None, a list of ids, an id tensor or a bool mask), passed through for them to check
+    (fastmix.ops.freq_mix.normalize_keep)."""
     c = channels
-    if preset is None or isinstance(preset, torch.Tensor):
-        return preset
     if isinstance(preset, str):
         if preset == "all":
             return None
@@ -29,9 +28,7 @@ def keep_ids(preset, channels: int) -> list[int] | None:
         if drop is None:
             raise ValueError(f"keep must be one of {KEEP_PRESETS} or a list of channel ids, got {preset!r}")
         return [ch for ch in range(c * FREQS) if ch % FREQS not in drop]
-    if any(isinstance(i, bool) for i in preset):  # int(True) would make it channel 1
-        raise TypeError("keep as a list holds channel ids (ints), got bools; pass a mask as a torch.bool tensor")
-    return [int(i) for i in preset]
+    return preset
 
 
 class MixPlan(NamedTuple):
@@ -97,9 +94,10 @@ class HybridMask(nn.Module):
             raise ValueError("out='pixels' needs upsample=None (the frontend produces channels)")
         if isinstance(keep, str) and keep not in KEEP_PRESETS:
             raise ValueError(f"keep must be one of {KEEP_PRESETS} or a list of channel ids, got {keep!r}")
-        if not (keep is None or isinstance(keep, (str, torch.Tensor)) or hasattr(keep, "__iter__")):
-            raise TypeError(f"keep must be a preset {KEEP_PRESETS}, None, channel ids or a bool mask, got {type(keep).__name__}")
         if not (keep is None or isinstance(keep, (str, torch.Tensor))):
+            if not hasattr(keep, "__iter__"):
+                raise TypeError(f"keep must be a preset {KEEP_PRESETS}, None, channel ids or a bool mask, "
+                                f"got {type(keep).__name__}")
             keep = list(keep)  # a generator would be used up by the first call
         self.k, self.law, self.upper, self.alpha = k, law, upper, alpha
         self.keep, self.sign_flip, self.upsample, self.color, self.out = keep, sign_flip, upsample, color, out
@@ -172,9 +170,12 @@ class HybridMask(nn.Module):
             self.generator.set_state(st)
 
     def extra_repr(self) -> str:
-        keep = (self.keep if isinstance(self.keep, str) or self.keep is None
-                else f"mask of {int(self.keep.sum())}" if isinstance(self.keep, torch.Tensor) and self.keep.dtype == torch.bool
-                else f"{len(self.keep)} ids")
+        if self.keep is None or isinstance(self.keep, str):
+            keep = self.keep
+        elif isinstance(self.keep, torch.Tensor) and self.keep.dtype == torch.bool:
+            keep = f"mask of {int(self.keep.sum())}"
+        else:
+            keep = f"{len(self.keep)} ids"
         src = "freq_mix" if self.upsample is None else f"frontend(upsample={self.upsample}, color={self.color})"
         return (
             f"k={self.k}, law={self.law}, upper={self.upper}, keep={keep}, sign_flip={self.sign_flip}, "
