@@ -128,19 +128,25 @@ def frontend_ref(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=
 # ----------------------------------------------------------------------------------------------------
 
 
-def upsample_matrix(size: int, upsample: int) -> torch.Tensor:
-    """U (size*upsample, size), float64: bilinear interpolation with align_corners=True, as F.interpolate."""
+def _bilinear_taps(size: int, upsample: int) -> list[tuple[int, int, float]]:
+    """(i0, i1, lam) per output pixel of bilinear x``upsample`` with align_corners=True, as F.interpolate:
+    output p = (1 - lam) * x[i0] + lam * x[i1]."""
     out = size * upsample
-    u = torch.zeros(out, size, dtype=torch.float64)
     if size == 1 or out == 1:
-        u[:, 0] = 1.0
-        return u
+        return [(0, 0, 0.0)] * out
     scale = (size - 1) / (out - 1)
+    taps = []
     for p in range(out):
         src = p * scale
         i0 = min(int(math.floor(src)), size - 1)
-        i1 = min(i0 + 1, size - 1)
-        lam = src - i0
+        taps.append((i0, min(i0 + 1, size - 1), src - i0))
+    return taps
+
+
+def upsample_matrix(size: int, upsample: int) -> torch.Tensor:
+    """U (size*upsample, size), float64: bilinear interpolation with align_corners=True, as F.interpolate."""
+    u = torch.zeros(size * upsample, size, dtype=torch.float64)
+    for p, (i0, i1, lam) in enumerate(_bilinear_taps(size, upsample)):
         u[p, i0] += 1.0 - lam
         u[p, i1] += lam
     return u
@@ -150,19 +156,15 @@ def _patch_spans(size: int, upsample: int) -> tuple[list[tuple[int, int]], int]:
     """The source pixels each output block reads ((first, last) per block) and the patch width R: the
     nonzero columns of upsample_matrix's 8-row bands, in plain Python (the compiled graph's shape function
     needs R without running tensor code)."""
-    out = size * upsample
-    scale = (size - 1) / (out - 1) if size > 1 and out > 1 else 0.0
+    taps = _bilinear_taps(size, upsample)
     spans = []
-    for i in range(out // BLOCK):
+    for i in range(size * upsample // BLOCK):
         cols = set()
-        for p in range(BLOCK * i, BLOCK * (i + 1)):
-            src = p * scale
-            i0 = min(int(math.floor(src)), size - 1)
-            lam = src - i0
+        for i0, i1, lam in taps[BLOCK * i : BLOCK * (i + 1)]:
             if lam != 1.0:
                 cols.add(i0)
             if lam != 0.0:
-                cols.add(min(i0 + 1, size - 1))
+                cols.add(i1)
         spans.append((min(cols), max(cols)))
     return spans, max((hi - lo + 1 for lo, hi in spans), default=1)
 
