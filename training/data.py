@@ -569,12 +569,13 @@ def load_recordio(cfg: dict) -> DataBundle:
         raise ValueError("data.root is required for data.kind=recordio (a folder with train.rec / train.idx)")
     root = Path(d["root"])
     train = RecordIOFaces(root / "train.rec", root / "train.idx", d["color"], d["size"], d["crop"])
-    tests = [load_bin(b if Path(b).is_absolute() else root / b, d["color"], d["size"], d["crop"]) for b in d["bin_sets"] or []]
+    # .bin sets are named relative to the pack (root / an absolute path is that path)
+    tests = [load_bin(root / b, d["color"], d["size"], d["crop"]) for b in d["bin_sets"] or []]
     bundle = DataBundle(train, train.num_classes, channels_of(d["color"]), tests=tests)
     if d["val_bin"] is not None:
         # The policy's utility term needs held-out verification: a .bin set that is not reported (check_values
         # refuses one of bin_sets: the policy would be steered by test pairs), subsampled to val_pairs.
-        v = load_bin(d["val_bin"] if Path(d["val_bin"]).is_absolute() else root / d["val_bin"], d["color"], d["size"], d["crop"])
+        v = load_bin(root / d["val_bin"], d["color"], d["size"], d["crop"])
         n = min(len(v.issame), int(d["val_pairs"]))
         g = torch.Generator().manual_seed(int(cfg["seed"]))
         sel = torch.randperm(len(v.issame), generator=g)[:n]
