@@ -122,9 +122,14 @@ class TrainStep(nn.Module):
         super().__init__()
         self.defence, self.backbone, self.head = defence, backbone, head
         self.amp_dtype = amp_dtype
+        # tap(x, y, masked): sees every protected batch this module trains on, with its source faces and labels
+        # (the privacy layer's training-stream attack records what the FR server receives). None in training.
+        self.tap = None
 
     def forward(self, x, y, k=None):
         m = self.defence(x, y, k)
+        if self.tap is not None:
+            self.tap(x.detach(), y.detach(), m)
         with torch.autocast(device_type=m.x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             emb = self.backbone(m.x)
         return mixed_label_loss(self.head, emb.float(), m.labels, m.weights), m.weights
@@ -256,19 +261,22 @@ def plot_metrics(jsonl: Path, png: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def train(cfg: dict, resume: bool = True, data=None) -> dict:
+def train(cfg: dict, resume: bool = True, data=None, tap=None) -> dict:
     """Train and evaluate one config; returns the results dict (also written to <out_dir>/results.json).
 
     ``data``: a preloaded DataBundle (the results command reuses one across defences).
+    ``tap``: called as tap(x, y, masked) with every training batch's faces (N, C, S, S) after augmentation, labels
+    (N,) and the defence's output (``defences.Masked``: what the FR server sees, with the mixed-label loss's
+    partner labels and weights) -- the privacy layer's training-stream attack (S5) records the stream with it.
     """
     checks = fastmix.set_index_checks(True)  # restored on return; _train turns them off on a GPU
     try:
-        return _train(cfg, resume, data)
+        return _train(cfg, resume, data, tap)
     finally:
         fastmix.set_index_checks(checks)
 
 
-def _train(cfg: dict, resume: bool, data) -> dict:
+def _train(cfg: dict, resume: bool, data, tap=None) -> dict:
     t_start = time.time()
     check_values(cfg)  # again: callers may edit the dict after load_config
     rank, world, device = setup_distributed(cfg)
@@ -298,6 +306,7 @@ def _train(cfg: dict, resume: bool, data) -> dict:
     backbone = build_model(mc["arch"], c_in, s_in, int(mc["embedding"]), float(mc["width"]), float(mc["dropout"]))
     head = MarginHead(int(mc["embedding"]), data.num_classes, cfg["head"]["type"], cfg["head"]["s"], cfg["head"]["m"])
     step_mod = TrainStep(defence, backbone, head, amp).to(device)
+    step_mod.tap = tap
     net = nn.parallel.DistributedDataParallel(step_mod, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else step_mod
 
     params = [p for p in step_mod.parameters() if p.requires_grad]
