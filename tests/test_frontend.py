@@ -3,6 +3,10 @@ independent re-implementation of the published pipeline; memory, NaN, views, emp
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,6 +156,67 @@ def test_never_materialises_the_upsampled_image(gen):
         peak, y = peak_alloc(lambda: run_on(name, fastmix.frontend, x, keep=keep))
         assert y.numel() * 4 == out_bytes
         assert peak <= 2 * out_bytes, f"{name}: an allocation of {peak} bytes (upsampled image: {upsampled_bytes})"
+
+
+_WIDE_SCRIPT = r"""
+import resource, sys
+import torch, fastmix
+
+def vm_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+
+# the address space the process has now (torch's libraries, thread stacks) plus LIMIT: an allocation of the
+# dense upsampling matrix (4.3 GB / 34 GB) fails, the output-sized buffers (a few MB) fit
+limit = vm_bytes() + int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+torch.manual_seed(0)
+z = fastmix.frontend(torch.rand(1, 3, 1, 8192) * 2 - 1, upsample=8)
+assert z.shape == (1, 192, 1, 8192), z.shape
+x = torch.rand(1, 1, 8, 65536) * 2 - 1
+z = fastmix.frontend(x, upsample=1, color="none")
+torch.testing.assert_close(z, fastmix.frontend_ref(x, upsample=1, color="none"), rtol=1e-5, atol=1e-3)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the address space from /proc (Linux)")
+def test_wide_images_memory_scales_with_the_output(tmp_path):
+    """A 1 x 8192 face at upsample=8 (6 MiB out) and an 8 x 65536 strip at upsample=1 (2 MiB out) run in an
+    address space 1 GiB above what the process holds after import. The dense float64 upsampling matrix
+    (side * upsample x side) that built the geometry needed 4.3 GB and 34 GB for them: the allocation failed."""
+    script = tmp_path / "wide.py"
+    script.write_text(_WIDE_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTMIX_BACKEND="cpu")
+    if "cpu" not in fastmix.available_backends("cpu"):
+        env["FASTMIX_BACKEND"] = "torch"
+    r = subprocess.run([sys.executable, str(script), str(WIDE_HEADROOM)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+WIDE_HEADROOM = 1 << 30  # bytes of address space above the post-import size; see the test above
+
+
+_GEOMETRY_SIZES = [(size, up) for size in (1, 2, 3, 7, 8, 13, 92, 112, 250) for up in (1, 2, 3, 5, 8, 16) if size * up % 8 == 0]
+
+
+@pytest.mark.parametrize("size,up", _GEOMETRY_SIZES, ids=[f"{s}x{u}" for s, u in _GEOMETRY_SIZES])
+def test_geometry_is_the_dense_matrix_banded(size, up):
+    """The tap-built geometry equals D @ U[8I:8I+8, s_I:s_I+R] cut from the dense matrix, bit for bit."""
+    from fastmix.ops.frontend import BLOCK, _patch_spans, _upsample_geometry_f64, upsample_matrix
+
+    a, start = _upsample_geometry_f64(size, up)
+    u = upsample_matrix(size, up)
+    r = _patch_spans(size, up)[1]
+    d = fastmix.dct_matrix(BLOCK)
+    assert a.shape == (size * up // BLOCK, BLOCK, r)
+    for i, s in enumerate(start.tolist()):
+        assert 0 <= s <= size - r
+        assert torch.equal(a[i], d @ u[BLOCK * i : BLOCK * (i + 1), s : s + r])
+        # nothing of the band outside the patch
+        assert not u[BLOCK * i : BLOCK * (i + 1), :s].any() and not u[BLOCK * i : BLOCK * (i + 1), s + r :].any()
 
 
 # ----------------------------------------------------------------------------------------------------
