@@ -5,8 +5,11 @@ Labels are chosen as 10 * i + 3, so the returned partner labels reveal the partn
 drew, and every output can be recomputed with the public ops."""
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 import fastmix
 from fastmix.nn import HybridMask, keep_ids
@@ -293,3 +296,75 @@ def test_generator_state_travels_in_state_dict(gen):
     got = b(x, labels_for(4))
     for u, v in zip(want, got):
         assert torch.equal(u, v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One-time keys across DataLoader workers
+# ----------------------------------------------------------------------------------------------------
+
+
+class _PlansPerItem(Dataset):
+    """Each item is a plan drawn by the dataset's own seeded HybridMask (as a masking dataset would)."""
+
+    def __init__(self, items=8):
+        self.mask = HybridMask(3, generator=torch.Generator().manual_seed(7))
+        self.items = items
+
+    def __len__(self):
+        return self.items
+
+    def __getitem__(self, i):
+        p = self.mask.plan(6)
+        info = torch.utils.data.get_worker_info()
+        return info.id if info else -1, p.seed, p.index, p.weight
+
+
+def _draw_in_workers(ds, workers=2):
+    loader = DataLoader(ds, batch_size=None, num_workers=workers, multiprocessing_context="fork")
+    return list(loader)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method")
+def test_seeded_mask_in_dataloader_workers_never_repeats_keys():
+    """Forked workers copy the generator's state: every worker drew the same seeds and partners (4 of 8 seeds
+    duplicated with 2 workers). Each worker's copy is re-keyed now; the main process's stream is untouched,
+    and a run seeded with torch.manual_seed draws the same keys again."""
+    ds = _PlansPerItem()
+    before = ds.mask.generator.get_state()
+    torch.manual_seed(123)
+    items = _draw_in_workers(ds)
+    assert {w for w, *_ in items} == {0, 1}
+    seeds = [s for _, s, _, _ in items]
+    assert len(set(seeds)) == len(seeds), seeds
+    by_worker = {w: [(idx, wt) for ww, _, idx, wt in items if ww == w] for w in (0, 1)}
+    pairs = list(zip(by_worker[0], by_worker[1]))
+    assert all(not torch.equal(w0, w1) for (_, w0), (_, w1) in pairs)  # continuous draws: equal only if copied
+    assert not all(torch.equal(i0, i1) for (i0, _), (i1, _) in pairs)
+    assert torch.equal(ds.mask.generator.get_state(), before)
+    # reproducible: the worker seeds come from the main process's RNG
+    torch.manual_seed(123)
+    again = _draw_in_workers(ds)
+    assert [s for _, s, _, _ in again] == seeds
+    # another epoch (new worker seeds) gets new keys
+    third = _draw_in_workers(ds)
+    assert not set(s for _, s, _, _ in third) & set(seeds)
+
+
+def test_outside_workers_the_stream_is_the_generators():
+    # the main process draws exactly what the seeded generator gives (no re-keying there)
+    a = HybridMask(2, generator=torch.Generator().manual_seed(11)).plan(5)
+    b = HybridMask(2, generator=torch.Generator().manual_seed(11)).plan(5)
+    assert a.seed == b.seed and torch.equal(a.index, b.index) and torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("bad", ["x", 3, torch.tensor(3)], ids=["str", "int", "tensor"])
+def test_generator_of_the_wrong_type_names_the_argument(bad):
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator, got"):
+        HybridMask(2, generator=bad)
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator, got"):
+        HybridMask(2).plan(4, generator=bad)
+    with pytest.raises(TypeError, match="generator must be None or a torch.Generator, got"):
+        fastmix.sample_partners(4, 2, generator=bad)
+    for law in ("instahide", "dirichlet"):
+        with pytest.raises(TypeError, match="generator must be None or a torch.Generator, got"):
+            fastmix.sample_weights(4, 2, law=law, generator=bad)

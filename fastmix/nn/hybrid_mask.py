@@ -1,6 +1,9 @@
 """HybridMask: the adaptive hybrid mask as an nn.Module (sample partners and weights, then one fused op)."""
 from __future__ import annotations
 
+import hashlib
+import os
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -8,7 +11,7 @@ from torch import nn
 
 from ..ops.freq_mix import FREQS, freq_mix
 from ..ops.frontend import frontend
-from ..samplers import LAWS, sample_partners, sample_weights
+from ..samplers import LAWS, check_generator, sample_partners, sample_weights
 
 # PartialFace drops the channels that carry most of the energy; on faces these are the 10 lowest
 # frequencies of each colour: (u, v) in {(0,0),(0,1),(0,2),(0,3),(1,0),(1,1),(1,2),(2,0),(2,1),(3,0)}.
@@ -29,6 +32,36 @@ def keep_ids(preset, channels: int) -> list[int] | None:
             raise ValueError(f"keep must be one of {KEEP_PRESETS} or a list of channel ids, got {preset!r}")
         return [ch for ch in range(c * FREQS) if ch % FREQS not in drop]
     return preset
+
+
+# Generators already re-keyed in this DataLoader worker: generator -> (pid, worker seed) it was re-keyed for.
+_WORKER_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def worker_stream(gen: torch.Generator | None) -> torch.Generator | None:
+    """``gen``, re-keyed once per DataLoader worker; outside a worker, ``gen`` untouched.
+
+    A DataLoader copies the dataset (and a HybridMask in it, generator included) into every worker: by fork
+    the copies start in the same state, so every worker drew the same partners, weights and sign seeds (4 of
+    8 seeds were duplicates with 2 workers), and a repeated one-time key lets an attacker cancel the signs
+    of two outputs against each other. In a worker the generator is re-seeded before its first draw from
+    (a draw of its own stream, the worker's seed): the worker seed (torch.utils.data.get_worker_info().seed,
+    the loader's base seed + worker id) differs between workers and between epochs, and comes from the
+    main process's RNG, so a run seeded with torch.manual_seed stays reproducible; the draw keeps the
+    module's own seed in it. The main process's generator is not touched. With generator None the global
+    RNG is used, which the DataLoader already seeds per worker."""
+    if gen is None:
+        return gen
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return gen
+    key = (os.getpid(), info.seed)
+    if _WORKER_STREAMS.get(gen) != key:
+        own = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
+        digest = hashlib.blake2b(f"fastmix worker stream {own} {info.seed} {info.id}".encode(), digest_size=8).digest()
+        gen.manual_seed(int.from_bytes(digest, "little"))
+        _WORKER_STREAMS[gen] = key
+    return gen
 
 
 class MixPlan(NamedTuple):
@@ -54,7 +87,9 @@ class HybridMask(nn.Module):
             an int -> x is a [-1, 1] face and the fused :func:`fastmix.frontend` runs (channels out).
         color: frontend colour transform ("ycbcr" or "none").
         out: "channels" or "pixels" (pixels needs upsample=None).
-        generator: torch.Generator for partners, weights and seeds (reproducible runs).
+        generator: torch.Generator for partners, weights and seeds (reproducible runs). Inside a DataLoader
+            worker, the worker's copy is re-keyed before its first draw (:func:`worker_stream`), so workers
+            never repeat each other's keys.
 
     forward(x, labels, k=None, plan=None) -> (masked, partner_labels (M, k), weights (M, k)), for the
     mixed-label loss  sum_t weights[m, t] * L(f(masked[m]), partner_labels[m, t]).
@@ -99,6 +134,7 @@ class HybridMask(nn.Module):
                 raise TypeError(f"keep must be a preset {KEEP_PRESETS}, None, channel ids or a bool mask, "
                                 f"got {type(keep).__name__}")
             keep = list(keep)  # a generator would be used up by the first call
+        check_generator(generator)
         self.k, self.law, self.upper, self.alpha = k, law, upper, alpha
         self.keep, self.sign_flip, self.upsample, self.color, self.out = keep, sign_flip, upsample, color, out
         self.generator = generator
@@ -114,7 +150,9 @@ class HybridMask(nn.Module):
         by the caller (column 0 is conventionally the output's own image). k: None (the module's k for every
         output) or an integer tensor (M,) of per-output k in [1, kmax] (weights of the extra partners are 0).
         """
-        gen = self.generator if generator is None else generator
+        check_generator(generator)
+        # re-keyed once inside a DataLoader worker: forked copies of one generator would repeat the keys
+        gen = worker_stream(self.generator if generator is None else generator)
         if index is None:
             if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"n must be an int >= 0 when no index is given, got {n!r}")
