@@ -110,6 +110,46 @@ def test_empty(backend, shape):
         assert y.shape == x.shape and y.dtype == x.dtype
 
 
+HUGE_BLOCK = 8192  # its float64 matrix is 512 MB
+SMALL_ALLOCATION = 1 << 20  # bytes: what an empty transform may allocate at most
+
+
+def _largest_allocation(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0), y
+
+
+@pytest.mark.parametrize("op", ["block_dct", "block_idct"])
+def test_empty_input_with_a_huge_block_builds_no_matrix(backend, op):
+    """An empty input has nothing to transform: the reference built (and cached for good) the 512 MB matrix
+    of block 8192 for it. Every backend returns the empty result with no allocation of that size."""
+    x = torch.empty(1, 0, 0)
+    peak, y = _largest_allocation(lambda: getattr(fastmix, op)(x, block=HUGE_BLOCK))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert peak <= SMALL_ALLOCATION, peak
+    peak, y = _largest_allocation(lambda: getattr(fastmix, op + "_ref")(x, block=HUGE_BLOCK))
+    assert y.shape == x.shape and peak <= SMALL_ALLOCATION, peak
+
+
+def test_dct_matrix_cache_is_bounded():
+    """Matrices of blocks up to CACHED_BLOCK_MAX are cached (<= 32 KB each, at most CACHED_BLOCK_MAX of them);
+    a larger block's matrix is built per call and not kept (the cache had no bound: every size stayed)."""
+    from fastmix.ops import dct
+
+    info = dct._cached_dct_matrix_f64.cache_info()
+    assert info.maxsize is not None and info.maxsize <= dct.CACHED_BLOCK_MAX
+    before = info.currsize
+    big = dct.CACHED_BLOCK_MAX * 2
+    x = torch.randn(1, big, big, dtype=torch.float64)
+    y = fastmix.block_dct_ref(x, block=big)
+    assert dct._cached_dct_matrix_f64.cache_info().currsize == before
+    torch.testing.assert_close(y.numpy(), scipy_block_dct(x.numpy(), big), rtol=0, atol=1e-10)
+    d = fastmix.dct_matrix(big)
+    torch.testing.assert_close(d @ d.T, torch.eye(big, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert dct._cached_dct_matrix_f64.cache_info().currsize == before
+
+
 @pytest.mark.parametrize("inverse", [False, True], ids=["dct", "idct"])
 @pytest.mark.parametrize(
     "shape,block,fast",

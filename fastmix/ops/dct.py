@@ -17,13 +17,29 @@ from ._common import check_autodiff_mode, check_block, check_float_tensor, check
 # ----------------------------------------------------------------------------------------------------
 
 
-@tensor_cache(maxsize=None)
-def _dct_matrix_f64(block: int) -> torch.Tensor:
+# Matrices of blocks up to this size are cached (64: 32 KB in float64; the ops use 8). A larger block's
+# matrix is rebuilt per call: it is block^2 * 8 bytes (512 MB at block = 8192), and an unbounded cache kept
+# every one ever asked for; rebuilding costs O(block^2), less than the O(block^3) transform that uses it.
+CACHED_BLOCK_MAX = 64
+
+
+def _build_dct_matrix_f64(block: int) -> torch.Tensor:
     u = torch.arange(block, dtype=torch.float64).view(-1, 1)
     x = torch.arange(block, dtype=torch.float64).view(1, -1)
     d = torch.cos((2 * x + 1) * u * math.pi / (2 * block)) * math.sqrt(2.0 / block)
     d[0] = math.sqrt(1.0 / block)
     return d
+
+
+_cached_dct_matrix_f64 = tensor_cache(maxsize=CACHED_BLOCK_MAX)(_build_dct_matrix_f64)
+
+
+def _dct_matrix_f64(block: int) -> torch.Tensor:
+    """D (block, block) in float64; callers must not modify it (it may be the cached tensor)."""
+    if block <= CACHED_BLOCK_MAX:
+        return _cached_dct_matrix_f64(block)
+    with torch.inference_mode(False):  # as tensor_cache: usable by a later backward
+        return _build_dct_matrix_f64(block)
 
 
 def dct_matrix(block: int = 8, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -45,6 +61,10 @@ def _untile(t: torch.Tensor) -> torch.Tensor:
 
 
 def _block_transform_ref(x: torch.Tensor, block: int, inverse: bool) -> torch.Tensor:
+    block = check_block(block)
+    if x.numel() == 0:
+        # nothing to transform: no block x block matrix (512 MB for block = 8192) for an empty input
+        return x.clone(memory_format=torch.contiguous_format)
     cd = compute_dtype(x.dtype)
     d = dct_matrix(block, cd, x.device)
     if inverse:
