@@ -132,18 +132,22 @@ class Decoder(nn.Module):
 
 
 def train_decoder(defence: Defence, faces_u8: torch.Tensor, *, sign_known: bool = False, steps: int = 300, batch: int = 32,
-                  lr: float = 2e-3, width: int = 16, seed: int = 0, k_dist=None, log=None) -> Decoder:
+                  lr: float = 2e-3, width: int = 16, seed: int = 0, k_dist=None, log=None, encode=None) -> Decoder:
     """S1 (sign_known=False) / S2 (True): train a Decoder on the attacker's faces (N, C, S, S) uint8.
 
     Every step protects a fresh random batch of the attacker's faces with the defence (fresh partners,
     weights, keys: the attacker can simulate the algorithm as often as it likes) and regresses the target
-    face with L1 + (1 - SSIM-free) MSE. Horizontal flips augment the 200 faces."""
+    face with L1 + (1 - SSIM-free) MSE. Horizontal flips augment the 200 faces.
+
+    ``encode(x, generator) -> Protected`` replaces the defence's training-time protection with another
+    representation of the same faces (S5 decodes unmixed sources and per-cluster |z| means this way)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    encode = encode or (lambda x, gen: protect(defence, x, gen, k_dist))
     dec = Decoder(defence, width, sign_known)
     with torch.no_grad():  # input scale from one batch: the spread of the pseudo-inverse
         x0 = to_float(faces_u8[:64])
-        dec.scale.fill_(float(dec.prepare(protect(defence, x0, g, k_dist)).std().clamp_min(1e-3)))
+        dec.scale.fill_(float(dec.prepare(encode(x0, g)).std().clamp_min(1e-3)))
     opt = torch.optim.Adam(dec.net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     n = faces_u8.shape[0]
@@ -153,7 +157,7 @@ def train_decoder(defence: Defence, faces_u8: torch.Tensor, *, sign_known: bool 
         x = to_float(faces_u8[idx])
         flip = torch.rand(batch, generator=g) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        p = protect(defence, x, g, k_dist)
+        p = encode(x, g)
         out = dec(p)
         tgt = x[p.target]
         loss = F.l1_loss(out, tgt) + F.mse_loss(out, tgt)

@@ -1,0 +1,526 @@
+"""S5: the training-stream attack. The attacker is the FR training server.
+
+Threat model. The server receives every protected batch the training loop produces (what
+``training.loop.train`` hands the FR network: epochs of shuffled batches, random flips, the defence's
+partners, weights, noise, subsets or sign keys, or the adaptive policy's k draws) and, in the *informed*
+variant, also what the mixed-label loss needs: the partner labels and weights of every row
+(``defences.Masked.labels`` / ``.weights``). The *blind* variant knows the defence algorithm and the number
+of training faces (the rows per epoch) and nothing else: no partners, weights, labels or keys. It holds no
+victim face. Each victim face is seen about ``epochs x k`` times, so the stream is a large system of
+equations in few unknowns.
+
+Attacks, by the structure of the defence's training-time representation:
+
+* linear mixes without signs (hybrid / adaptive with ``sign_flip: false``): Z = W X, with k-sparse,
+  non-negative rows of W (rows sum to 1) and at most 2N sources X (the N faces and their mirror images).
+  Blind: PCA to the 2N-dimensional signal space, FastICA (Hyvarinen 1999) for a first set of sources, then
+  alternating k-sparse non-negative coding (greedy OMP, Pati et al. 1993; Carlini et al. 2021 use the same
+  "mixes share sources" structure) and least squares for the sources -- dictionary learning (K-SVD-like,
+  Aharon et al. 2006) on the stream. Informed: the identity-level least-squares solve with the known
+  weights (each identity's mean appearance; works past N > D as long as the identities are fewer than D),
+  then per-slot assignment of each partner to one of its identity's sources and least squares.
+* unmixed, randomised encodings (none, ppfr, dctdp noise, partialface subsets): every face arrives ~epochs
+  times with fresh noise / subsets; group the rows that show the same face (k-means with 2N clusters, blind;
+  within each identity when labels are known) and average them, coefficient by coefficient over the rows
+  that carry it (the noise averages out as 1/sqrt(repeats)).
+* sign-flipping mixes (InstaHide, hybrid with signs): the Carlini et al. 2021 pipeline (IEEE S&P 2021,
+  "Is Private Learning Possible with Instance Encoding?"): |z| encodings are key-free; mixes that share a
+  face have correlated |z|; cluster the stream by that similarity, average |z| per cluster (the shared face's
+  magnitudes dominate), and recover each cluster's face with a magnitude-to-face decoder trained on the
+  attacker's own faces (the learned prior standing in for Carlini et al.'s per-cluster optimisation).
+
+Success is measured in the representation space of one unmixed face (DC-free block DCT for the no-DC
+masks): victim face i counts as recovered at tau when some recovered source has cosine >= tau with its
+encoding or its mirror's (a mirror shows the same face). The evaluation matches sources to victims only to
+score them; the attacker holds all the sources. The identity leak of the recovered faces goes through the
+judge after decoding them to pixels with the attacker's decoder for the unmixed encoding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# The stream: what the server received
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """Every protected row the FR server received, in order.
+
+    z: (T, D) float32 flattened representations; labels / weights: (T, k) the mixed-label loss's partner
+    labels and weights (informed attacker only); shape: the representation's (C, h, w)."""
+
+    z: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    shape: tuple
+    info: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.z.shape[0]
+
+
+class StreamRecorder:
+    """``training.loop.train(..., tap=recorder)``: keeps every batch the FR network sees (float32, CPU)."""
+
+    def __init__(self):
+        self.z, self.labels, self.weights = [], [], []
+        self.shape = None
+
+    def __call__(self, x, y, masked) -> None:
+        z = masked.x.detach().float().cpu()
+        self.shape = tuple(z.shape[1:])
+        self.z.append(z.flatten(1))
+        self.labels.append(masked.labels.detach().cpu())
+        self.weights.append(masked.weights.detach().float().cpu())
+
+    def stream(self) -> Stream:
+        if not self.z:
+            raise RuntimeError("the recorder saw no batch: pass it to training.loop.train(..., tap=recorder)")
+        k = max(w.shape[1] for w in self.weights)
+        pad = lambda t, v: F.pad(t, (0, k - t.shape[1]), value=v)  # noqa: E731 (per-batch k may differ)
+        return Stream(torch.cat(self.z), torch.cat([pad(a, 0) for a in self.labels]),
+                      torch.cat([pad(w, 0.0) for w in self.weights]), self.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linear unmixing (no-sign mixes)
+# ----------------------------------------------------------------------------------------------------
+
+
+def fast_ica(y: torch.Tensor, iters: int = 200, tol: float = 1e-5, seed: int = 0) -> torch.Tensor:
+    """Symmetric FastICA (Hyvarinen 1999, log-cosh contrast) on whitened signals y (r, D): returns the
+    orthogonal unmixing matrix (r, r) whose rows make w @ y maximally non-Gaussian over the D samples.
+    DCT coefficients of faces are heavy-tailed, the non-Gaussianity ICA needs."""
+    r, d = y.shape
+    g = torch.Generator().manual_seed(seed)
+    w = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=y.dtype))[0]
+    for _ in range(iters):
+        s = torch.tanh(w @ y)
+        w_new = (s @ y.t()) / d - (1 - s * s).mean(1, keepdim=True) * w
+        u, _, vt = torch.linalg.svd(w_new)  # symmetric decorrelation: (W W^T)^(-1/2) W
+        w_new = u @ vt
+        done = float((torch.abs((w_new * w).sum(1)) - 1).abs().max()) < tol
+        w = w_new
+        if done:
+            break
+    return w
+
+
+def sparse_code(z: torch.Tensor, atoms: torch.Tensor, k: int, ridge: float = 1e-6) -> torch.Tensor:
+    """Greedy non-negative OMP, batched over rows: codes (T, r) with at most k non-zeros per row such that
+    codes @ atoms ~ z (T, D), atoms (r, D). Each step adds the atom most positively correlated with the
+    residual and re-solves the least squares on the chosen atoms (negative coefficients clipped: a mix's
+    weights are non-negative)."""
+    t, r = z.shape[0], atoms.shape[0]
+    gram = atoms @ atoms.t()
+    b = z @ atoms.t()  # (T, r)
+    norms = gram.diagonal().clamp_min(1e-12).sqrt()
+    chosen = torch.empty(t, 0, dtype=torch.long)
+    coef = torch.empty(t, 0, dtype=z.dtype)
+    corr = b.clone()
+    rows = torch.arange(t)
+    for _ in range(min(k, r)):
+        score = corr / norms
+        if chosen.shape[1]:
+            score[rows.view(-1, 1), chosen] = -math.inf
+        chosen = torch.cat([chosen, score.argmax(1, keepdim=True)], 1)
+        gs = gram[chosen.unsqueeze(2), chosen.unsqueeze(1)]  # (T, j, j)
+        eye = torch.eye(chosen.shape[1], dtype=z.dtype) * ridge * gram.diagonal().mean()
+        coef = torch.linalg.solve(gs + eye, b.gather(1, chosen).unsqueeze(2)).squeeze(2).clamp_min(0)
+        corr = b - torch.einsum("tj,tjr->tr", coef, gram[chosen])
+    return torch.zeros(t, r, dtype=z.dtype).scatter_(1, chosen, coef)
+
+
+def solve_sources(codes: torch.Tensor, z: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Least-squares sources (r, D) for z ~ codes @ sources (ridge-regularised normal equations)."""
+    ata = codes.t() @ codes
+    ata = ata + torch.eye(ata.shape[0], dtype=z.dtype) * ridge * ata.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.solve(ata, codes.t() @ z)
+
+
+def row_sum_scale(codes: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """Fix each source's scale by the protocol's constraint that a mix's weights sum to 1: c = argmin
+    ||codes c - 1||, then source_j / c_j (codes_j * c_j) leaves codes @ sources unchanged."""
+    c = torch.linalg.lstsq(codes, torch.ones(codes.shape[0], 1, dtype=codes.dtype)).solution.squeeze(1)
+    c = torch.where(c.abs() > 1e-6, c, torch.ones_like(c))
+    return sources / c.view(-1, 1)
+
+
+def unmix_blind(z: torch.Tensor, sources: int, k: int, *, rounds: int = 8, ica_iters: int = 200,
+                seed: int = 0) -> torch.Tensor:
+    """Blind linear unmixing of a no-sign mixed stream z (T, D): returns ``sources`` recovered sources (r, D).
+
+    PCA to r = min(sources, rank) dimensions, FastICA, sign of each source by the skew of its mixing
+    coefficients (a face enters its mixes with a positive weight), then ``rounds`` of k-sparse NN-OMP codes
+    and least-squares sources, and the scale from "weights sum to 1"."""
+    z = z.double()
+    r = int(min(sources, z.shape[0], z.shape[1]))
+    _, s, vt = torch.linalg.svd(z, full_matrices=False)
+    r = int(min(r, int((s > s[0] * 1e-6).sum())))
+    y = vt[:r] * math.sqrt(z.shape[1])  # whitened signal space (rows orthonormal up to sqrt(D))
+    w = fast_ica(y.float(), iters=ica_iters, seed=seed).double()
+    x = w @ y
+    sign = torch.sign(((z @ x.t()) ** 3).sum(0))
+    x = x * torch.where(sign == 0, torch.ones_like(sign), sign).view(-1, 1)
+    codes = None
+    for rnd in range(rounds):
+        codes = sparse_code(z, x, k)
+        used = codes.abs().sum(0) > 0
+        x = torch.where(used.view(-1, 1), solve_sources(codes, z), x)
+        if rnd < rounds - 1:
+            x = _replace_dead(z, codes, x)
+    return row_sum_scale(codes, x).float() if codes is not None else x.float()
+
+
+def _replace_dead(z: torch.Tensor, codes: torch.Tensor, x: torch.Tensor, dup: float = 0.97) -> torch.Tensor:
+    """K-SVD's atom replacement: a source no row uses, or a near-copy of another source (ICA can split one
+    face over two outputs and miss another), restarts at the residual of the worst-explained row."""
+    xn = F.normalize(x, dim=1)
+    c = (xn @ xn.t()).abs().triu(1)
+    dead = (codes.abs().sum(0) == 0) | (c.max(0).values > dup)
+    nd = int(dead.sum())
+    if nd == 0:
+        return x
+    resid = z - codes @ x
+    worst = resid.norm(dim=1).topk(nd).indices
+    x = x.clone()
+    x[dead] = resid[worst] / 0.5  # a partner's weight is about 1/k..0.65: scale is refit by the next solve
+    return x
+
+
+def unmix_informed(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, per_identity: dict[int, int],
+                   init: torch.Tensor | None = None, *, rounds: int = 6, seed: int = 0):
+    """Informed linear unmixing: the partner labels (T, k) and weights (T, k) of every row are known.
+
+    1. Identity level: z ~ W_id X_id with W_id (T, V) the known weights summed per identity: least squares
+       gives each identity's weighted mean appearance (V, D) -- an identity leak by itself, and one that needs
+       only V < D equations' worth of rank, not N.
+    2. Image level: each identity y gets ``per_identity[y]`` sources (its images and mirrors), initialised from
+       ``init`` (the blind sources, assigned to the identity they co-occur with most) or its mean plus noise;
+       then rounds of: for every partner slot, the source of that slot's identity that best explains the
+       row's residual; least squares for the sources with the known weights.
+
+    Returns (identity means (V, D), sources (r, D), source identity (r,))."""
+    z = z.double()
+    w = weights.double()
+    t, kk = w.shape
+    v = int(max(per_identity) + 1)
+    w_id = torch.zeros(t, v, dtype=torch.float64).scatter_add_(1, labels.clamp_min(0), w)
+    means = solve_sources(w_id, z)
+    g = torch.Generator().manual_seed(seed)
+    owner, atoms = [], []
+    init_d = init.double() if init is not None else None
+    if init_d is not None:
+        codes = sparse_code(z, init_d, kk)
+        co = codes.t() @ w_id  # (r, V): how much each blind source co-occurs with each identity
+        init_owner = co.argmax(1)
+        strength = co.max(1).values
+    for y in range(v):
+        need = int(per_identity.get(y, 0))
+        mine = []
+        if init_d is not None and need:
+            cand = (init_owner == y).nonzero().flatten()
+            cand = cand[strength[cand].argsort(descending=True)][:need]
+            mine = [init_d[i] for i in cand.tolist()]
+        spread = means[y].std() * 0.3
+        while len(mine) < need:
+            mine.append(means[y] + spread * torch.randn(z.shape[1], generator=g, dtype=torch.float64))
+        atoms += mine
+        owner += [y] * len(mine)
+    x = torch.stack(atoms)
+    owner = torch.tensor(owner)
+    allowed = labels.unsqueeze(2) == owner.view(1, 1, -1)  # (T, k, r): slot s may use source j
+    assign = torch.zeros(t, kk, dtype=torch.long)
+    for _ in range(rounds):
+        for s in range(kk):
+            recon = torch.einsum("tk,tkd->td", w, x[assign])
+            resid = z - recon + w[:, s : s + 1] * x[assign[:, s]]
+            score = w[:, s : s + 1] * (resid @ x.t()) - 0.5 * w[:, s : s + 1] ** 2 * (x * x).sum(1).view(1, -1)
+            score = score.masked_fill(~allowed[:, s], -math.inf)
+            best = score.argmax(1)
+            assign[:, s] = torch.where(w[:, s] > 0, best, assign[:, s])
+        codes = torch.zeros(t, x.shape[0], dtype=torch.float64).scatter_add_(1, assign, w)
+        used = codes.abs().sum(0) > 0
+        x = torch.where(used.view(-1, 1), solve_sources(codes, z), x)
+    return means.float(), x.float(), owner
+
+
+# ----------------------------------------------------------------------------------------------------
+# Unmixed, randomised encodings: group the repeats of a face and average them
+# ----------------------------------------------------------------------------------------------------
+
+
+def kmeans_cosine(z: torch.Tensor, clusters: int, *, iters: int = 25, seed: int = 0) -> torch.Tensor:
+    """Spherical k-means (cosine) of rows z (T, D) with k-means++ seeding; returns the cluster of each row (T,)."""
+    x = F.normalize(z.double(), dim=1)
+    t = x.shape[0]
+    c = min(clusters, t)
+    g = torch.Generator().manual_seed(seed)
+    first = int(torch.randint(t, (1,), generator=g))
+    cent = [x[first]]
+    d = 1 - x @ x[first]
+    for _ in range(1, c):
+        p = d.clamp_min(0) ** 2
+        i = int(torch.multinomial(p / p.sum() if float(p.sum()) > 0 else torch.full_like(p, 1 / t), 1, generator=g))
+        cent.append(x[i])
+        d = torch.minimum(d, 1 - x @ x[i])
+    cent = torch.stack(cent)
+    assign = torch.zeros(t, dtype=torch.long)
+    for _ in range(iters):
+        new = (x @ cent.t()).argmax(1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+        summed = torch.zeros_like(cent).index_add_(0, assign, x)
+        empty = summed.norm(dim=1) == 0
+        cent = torch.where(empty.view(-1, 1), cent, F.normalize(summed, dim=1))
+    return assign
+
+
+def group_average(z: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Per group, the coefficient-wise mean over the rows that carry the coefficient (a zeroed channel of a
+    PartialFace subset is missing, not zero): (G, D)."""
+    n = int(group.max()) + 1
+    carried = (z != 0).double()
+    s = torch.zeros(n, z.shape[1], dtype=torch.float64).index_add_(0, group, z.double())
+    c = torch.zeros(n, z.shape[1], dtype=torch.float64).index_add_(0, group, carried)
+    return (s / c.clamp_min(1)).float()
+
+
+def average_repeats(z: torch.Tensor, sources: int, own_labels: torch.Tensor | None = None,
+                    per_identity: dict[int, int] | None = None, seed: int = 0) -> torch.Tensor:
+    """Repeat averaging for unmixed encodings: blind, k-means over the whole stream with ``sources``
+    clusters; informed (own_labels (T,) and per_identity), k-means within each identity. Returns (G, D)."""
+    if own_labels is None:
+        return group_average(z, kmeans_cosine(z, sources, seed=seed))
+    group = torch.empty(z.shape[0], dtype=torch.long)
+    base = 0
+    for y, need in sorted(per_identity.items()):
+        rows = (own_labels == y).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        a = kmeans_cosine(z[rows], max(1, need), seed=seed + y)
+        group[rows] = a + base
+        base += int(a.max()) + 1
+    return group_average(z, group)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sign-flipping mixes: Carlini et al. 2021 (similarity of |z|, clustering, per-cluster recovery)
+# ----------------------------------------------------------------------------------------------------
+
+
+def abs_similarity(z: torch.Tensor) -> torch.Tensor:
+    """Key-free encodings |z| standardised per coefficient over the stream (T, D), L2-normalised: their
+    inner products are the similarity of two mixes (high when they share a face with a large weight)."""
+    a = z.abs().double()
+    a = (a - a.mean(0)) / a.std(0).clamp_min(1e-12)
+    return F.normalize(a, dim=1).float()
+
+
+def cluster_abs(z: torch.Tensor, clusters: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Carlini et al.'s grouping step on |z|: spherical k-means of the standardised |z| encodings into
+    ``clusters`` groups (one per source face); returns (group of each row (T,), mean |z| per group (G, D))."""
+    e = abs_similarity(z)
+    group = kmeans_cosine(e, clusters, seed=seed)
+    n = int(group.max()) + 1
+    s = torch.zeros(n, z.shape[1], dtype=torch.float64).index_add_(0, group, z.abs().double())
+    c = torch.bincount(group, minlength=n).clamp_min(1).double().view(-1, 1)
+    return group, (s / c).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring: which victim faces were recovered
+# ----------------------------------------------------------------------------------------------------
+
+
+def best_match(recovered: torch.Tensor, truth: torch.Tensor, mirror: torch.Tensor | None = None, chunk: int = 512):
+    """For each true source (N, D), the recovered row (of (R, D)) with the largest |cosine| with it or with
+    its mirror ``mirror`` (N, D); returns (cosine (N,), index (N,), sign (N,)). |cosine| with the sign kept:
+    a source recovered with the opposite sign is the same face (negated)."""
+    rn = F.normalize(recovered.double(), dim=1)
+    best = torch.full((truth.shape[0],), -1.0, dtype=torch.float64)
+    idx = torch.zeros(truth.shape[0], dtype=torch.long)
+    sgn = torch.ones(truth.shape[0], dtype=torch.float64)
+    for cand in (truth, mirror) if mirror is not None else (truth,):
+        for i in range(0, cand.shape[0], chunk):
+            c = F.normalize(cand[i : i + chunk].double(), dim=1) @ rn.t()
+            v, j = c.abs().max(1)
+            better = v > best[i : i + chunk]
+            best[i : i + chunk] = torch.where(better, v, best[i : i + chunk])
+            idx[i : i + chunk] = torch.where(better, j, idx[i : i + chunk])
+            sgn[i : i + chunk] = torch.where(better, torch.sign(c.gather(1, j.view(-1, 1)).squeeze(1)), sgn[i : i + chunk])
+    return best.float(), idx, sgn.float()
+
+
+def recovery(cos: torch.Tensor, taus=(0.9, 0.95)) -> dict:
+    """Share of victim faces recovered at each cosine threshold, and the per-face 0/1 outcomes."""
+    return {f"recovered@{t}": float((cos >= t).float().mean()) for t in taus} | {"cos_median": float(cos.median())}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The attack on a defence's recorded stream
+# ----------------------------------------------------------------------------------------------------
+
+
+def unmixed_space(defence):
+    """The representation of one face alone, unsigned and unmixed, in the stream's units: a function
+    (N, C, S, S) [-1, 1] -> (N, D). Pixels for ``none``; the keep-set block DCT otherwise (DCTDP's 1/128 scale
+    included, so a noise-free repeat average lands on it)."""
+    if defence.name == "none":
+        return lambda x: x.flatten(1)
+    scale = 1.0 / defence.SCALE if defence.name == "dctdp" else 1.0
+    return lambda x: (defence.frontend(x, keep=defence.ids) * scale).flatten(1)
+
+
+def method_of(defence) -> str:
+    """Which S5 attack fits the defence's training-time representation (see the module docstring)."""
+    if getattr(defence, "mixes", False):
+        return "sign_clusters" if bool(getattr(defence.mask, "sign_flip", False)) else "linear_unmixing"
+    return "repeat_averaging"
+
+
+def faces_per_identity(stream: Stream, rows_per_epoch: int) -> dict[int, int]:
+    """Sources per identity an informed server infers from the stream: each row's own label (partner
+    column 0, the row's own face) counted per epoch, times 2 for the mirror images random flips produce."""
+    own = stream.labels[:, 0]
+    epochs = stream.rows / rows_per_epoch
+    cnt = torch.bincount(own.clamp_min(0))
+    return {y: max(1, int(round(2 * int(c) / epochs))) for y, c in enumerate(cnt.tolist()) if c}
+
+
+@torch.no_grad()
+def attack_stream(defence, stream: Stream, rows_per_epoch: int, variant: str, *, abs_decoder=None, seed: int = 0) -> dict:
+    """S5 on one recorded stream. variant "blind" or "informed". Returns {"method", "sources": (R, D) recovered
+    sources in the unmixed space (linear / repeat methods) or None, "images": (R, C, S, S) decoded faces for
+    the sign-clustering method (its recovery is in image space) or None}.
+
+    ``abs_decoder`` (sign-flipping defences): maps a cluster's mean |z| to a face (``train_abs_decoder``)."""
+    if variant not in ("blind", "informed"):
+        raise ValueError(f"variant must be 'blind' or 'informed', got {variant!r}")
+    method = method_of(defence)
+    z = stream.z
+    n_src = 2 * rows_per_epoch  # faces and their mirror images
+    per = faces_per_identity(stream, rows_per_epoch) if variant == "informed" else None
+    out = {"method": method, "variant": variant, "sources": None, "images": None}
+    if method == "linear_unmixing":
+        k = int((stream.weights > 0).sum(1).max())  # the defence's k (or the policy's largest): public
+        blind = unmix_blind(z, n_src, k, rounds=20, seed=seed)
+        if variant == "blind":
+            out["sources"] = blind
+        else:
+            # the informed server may run the blind attack too; keep whichever explains the stream better
+            means, inf, _ = unmix_informed(z, stream.labels, stream.weights, per, init=None, seed=seed)
+            out["sources"] = torch.cat([inf, blind])
+            out["identity_means"] = means
+    elif method == "repeat_averaging":
+        own = stream.labels[:, 0] if variant == "informed" else None
+        out["sources"] = average_repeats(z, n_src, own, per, seed=seed)
+    else:
+        if abs_decoder is None:
+            raise ValueError("a sign-flipping defence needs abs_decoder (train_abs_decoder on the attacker's faces)")
+        if variant == "blind":
+            _, mags = cluster_abs(z, n_src, seed=seed)
+        else:
+            # the known weights say which identity dominates each mix; cluster within that identity
+            dom = stream.labels.gather(1, stream.weights.argmax(1, keepdim=True)).squeeze(1)
+            mags = []
+            for y in dom.unique().tolist():
+                rows = (dom == y).nonzero().flatten()
+                _, m = cluster_abs(z[rows], max(1, min(per.get(y, 2), rows.numel())), seed=seed + y)
+                mags.append(m)
+            mags = torch.cat(mags)
+        out["images"] = abs_decoder.decode_magnitudes(mags.view((-1,) + tuple(stream.shape)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The attacker's decoders for S5 (trained on its own faces, like S1's)
+# ----------------------------------------------------------------------------------------------------
+
+
+def train_unmixed_decoder(defence, faces_u8: torch.Tensor, **kw):
+    """Decoder from one face's unmixed representation (what linear unmixing and repeat averaging recover)
+    to the face: S1's U-Net, trained on the attacker's faces encoded alone. None for ``none`` (pixels)."""
+    from .attacks import Protected, train_decoder
+
+    if defence.name == "none":
+        return None
+    enc = unmixed_space(defence)
+
+    def encode(x, g):
+        z = enc(x)
+        return Protected(z.view(x.shape[0], *_rep_shape(defence, x)), torch.arange(x.shape[0]), None)
+
+    return train_decoder(defence, faces_u8, encode=encode, **kw)
+
+
+def _rep_shape(defence, x):
+    c, s = defence.out_shape()
+    return (c, s, s)
+
+
+def simulated_cluster_mean(defence, x: torch.Tensor, generator: torch.Generator, repeats: int = 8) -> torch.Tensor:
+    """What a cluster of sign-flipped mixes sharing face x[i] averages to: mean over ``repeats`` fresh mixes
+    (the defence's own k, weight law and sign keys; partners from the batch) of |z|, row i holding x[i] in
+    partner column 0. (N, C_out, h, w)."""
+    import fastmix
+
+    m, n = defence.mask, x.shape[0]
+    acc = None
+    for _ in range(repeats):
+        p = m.plan(index=fastmix.sample_partners(n, defence.k, generator=generator), generator=generator)
+        a = m.apply(x, p).abs()
+        acc = a if acc is None else acc + a
+    return acc / repeats
+
+
+def train_abs_decoder(defence, faces_u8: torch.Tensor, repeats: int = 8, **kw):
+    """Carlini et al.'s per-cluster recovery step, learned: a decoder from a cluster's mean |z| to the face
+    the cluster shares, trained on the attacker's faces mixed by the defence (``simulated_cluster_mean``)."""
+    from .attacks import Protected, train_decoder
+
+    def encode(x, g):
+        return Protected(simulated_cluster_mean(defence, x, g, repeats), torch.arange(x.shape[0]), None)
+
+    dec = train_decoder(defence, faces_u8, encode=encode, **kw)
+    dec.decode_magnitudes = lambda mags: _decode(dec, mags)
+    return dec
+
+
+@torch.no_grad()
+def _decode(dec, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    from .attacks import Protected
+
+    return torch.cat([dec(Protected(z[i : i + batch], None, None)) for i in range(0, z.shape[0], batch)])
+
+
+def decode_sources(defence, decoder, sources: torch.Tensor) -> torch.Tensor:
+    """Recovered unmixed sources (R, D) -> faces (R, C, S, S) in [-1, 1] (pixels pass through for ``none``)."""
+    c, s = defence.out_shape()
+    if decoder is None:
+        return sources.view(-1, c, s, s).clamp(-1, 1)
+    return _decode(decoder, sources.view(-1, c, s, s))
+
+
+@torch.no_grad()
+def match_victims(defence, out: dict, faces: torch.Tensor, decoder=None) -> dict:
+    """Score an attack_stream result against the victim training faces (N, C, S, S) in [-1, 1]: per face the
+    best recovered source's cosine with its encoding (or its mirror's) in the unmixed space, and that
+    source decoded to a face (the image the judge sees). Returns {"cos": (N,), "images": (N, C, S, S)}."""
+    enc = unmixed_space(defence)
+    truth, mirror = enc(faces), enc(faces.flip(-1))
+    if out["sources"] is not None:
+        cos, idx, sgn = best_match(out["sources"], truth, mirror)
+        images = decode_sources(defence, decoder, out["sources"][idx] * sgn.view(-1, 1))
+    else:
+        cos, idx, _ = best_match(enc(out["images"]), truth, mirror)
+        images = out["images"][idx]
+    return {"cos": cos, "images": images}
