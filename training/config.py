@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 
@@ -217,7 +218,11 @@ def check_values(cfg: dict) -> None:
                      ("train.ckpt_every", 0), ("train.warmup", 0), ("train.max_steps_this_run", 1),
                      ("policy.update_every", 1), ("eval.batch_size", 1), ("eval.folds", 2), ("data.size", 8),
                      ("data.num_workers", 0), ("data.min_images", 1), ("data.val_pairs", 0), ("data.test_pairs", 0),
-                     ("defence.upsample", 1), ("defence.drop_lowest", 0), ("defence.partialface_subsets", 1)):
+                     ("defence.upsample", 1), ("defence.drop_lowest", 0), ("defence.partialface_subsets", 1),
+                     ("defence.k", 1), ("data.train_per_id", 1), ("data.val_per_id", 0), ("data.max_identities", 1),
+                     ("data.max_per_id", 1), ("data.val_identities", 0), ("data.test_identities", 0),
+                     ("data.synthetic_ids", 1), ("data.synthetic_per_id", 1), ("model.embedding", 1),
+                     ("policy.hidden", 1), ("train.threads", 1)):
         if flat[key] is not None and flat[key] < low:
             raise ValueError(f"config key {key!r} must be >= {low}, got {flat[key]!r}")
     for key, lo, hi in (("eval.far", 0.0, 1.0), ("policy.target_acc", 0.0, 1.0)):
@@ -240,6 +245,50 @@ def check_values(cfg: dict) -> None:
         if Path(flat["data.val_bin"]).name in {Path(b).name for b in flat["data.bin_sets"] or []}:
             raise ValueError(f"config key 'data.val_bin' must not be one of data.bin_sets (the reported test sets), "
                              f"got {flat['data.val_bin']!r}")
+    for key, val in flat.items():
+        # NaN passes every range check above (comparisons with it are False) and inf is no setting either;
+        # both would surface steps later as NaN losses or an exception far from the key that caused it.
+        if isinstance(val, float) and not math.isfinite(val):
+            raise ValueError(f"config key {key!r} must be a finite number, got {val!r}")
+    # numpy.random.seed takes [0, 2**32) and the loop seeds it with seed + rank (and torch's generators with
+    # larger multiples of the seed): a seed outside [0, 2**31) failed at startup or, for torch, on some rank.
+    if not 0 <= flat["seed"] < 2**31:
+        raise ValueError(f"config key 'seed' must be in [0, 2**31), got {flat['seed']!r}")
+    for key in ("train.lr", "policy.lr", "head.s", "model.width", "defence.alpha", "defence.dctdp_epsilon",
+                "defence.dctdp_sensitivity"):
+        if not flat[key] > 0:
+            raise ValueError(f"config key {key!r} must be > 0, got {flat[key]!r}")
+    for key in ("train.weight_decay", "policy.entropy", "policy.penalty", "policy.penalty_lr"):
+        if flat[key] < 0:
+            raise ValueError(f"config key {key!r} must be >= 0, got {flat[key]!r}")
+    for key in ("train.momentum", "model.dropout", "policy.baseline_momentum", "policy.loss_momentum"):
+        if not 0.0 <= flat[key] < 1.0:
+            raise ValueError(f"config key {key!r} must be in [0, 1), got {flat[key]!r}")
+    if not 0.0 < flat["defence.upper"] <= 1.0:  # the largest mixing weight of a face
+        raise ValueError(f"config key 'defence.upper' must be in (0, 1], got {flat['defence.upper']!r}")
+    # The margin: CosFace subtracts m from a cosine in [-1, 1] (m >= 1 leaves no target logit above any other);
+    # ArcFace adds m to an angle in [0, pi] (published 0.5; cos(theta + m) is periodic, so m = 50 was a margin
+    # of 50 - 16 pi = -0.27, accepted silently).
+    top = 1.0 if flat["head.type"] == "cosface" else math.pi / 2
+    if not 0.0 <= flat["head.m"] < top:
+        raise ValueError(f"config key 'head.m' must be in [0, {top:.4g}) for head.type={flat['head.type']!r} "
+                         f"(published: cosface 0.35, arcface 0.5), got {flat['head.m']!r}")
+    if flat["data.crop"] is not None and flat["data.crop"] < 1:  # 0 was read as "no crop", -5 failed in Pillow
+        raise ValueError(f"config key 'data.crop' must be >= 1 pixel or null (no crop), got {flat['data.crop']!r}")
+    keep = flat["defence.keep"]
+    if isinstance(keep, str):
+        from fastmix.nn import KEEP_PRESETS
+
+        if keep not in KEEP_PRESETS:
+            raise ValueError(f"config key 'defence.keep' must be one of {KEEP_PRESETS} or a list of channel ids, "
+                             f"got {keep!r}")
+    else:
+        # 64 DCT channels per colour plane (data.color: grey 1 plane, rgb 3)
+        n_ch = 64 * (1 if flat["data.color"] == "grey" else 3)
+        if (not keep or len(set(map(repr, keep))) != len(keep)
+                or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_ch for i in keep)):
+            raise ValueError(f"config key 'defence.keep' must be a preset or a non-empty list of distinct channel ids "
+                             f"in 0..{n_ch - 1} (data.color={flat['data.color']!r}), got {keep!r}")
     ks = flat["defence.k_choices"]
     # the hybrid mask's k (build_defence checks defence.k the same way); a repeated k would weigh the policy
     if not ks or len(set(ks)) != len(ks) or any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 6 for k in ks):
@@ -251,7 +300,12 @@ def load_config(path: str | os.PathLike | None = None, sets: list[str] | None = 
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         with open(path) as f:
-            cfg = _merge(cfg, yaml.safe_load(f) or {})
+            raw = yaml.safe_load(f)
+        if raw is not None and not isinstance(raw, dict):
+            # a file of "- key: value" lines (a list) or a bare scalar: _merge would fail on .items()
+            raise ValueError(f"config file {path} must hold a mapping of keys at its top level (name: ..., "
+                             f"train: {{steps: ...}}), got a {type(raw).__name__}")
+        cfg = _merge(cfg, raw or {})
     if overrides:
         cfg = _merge(cfg, overrides)
     cfg = apply_overrides(cfg, sets)

@@ -73,10 +73,51 @@ def test_config_values_take_their_defaults_type(tmp_path):
     ("defence.law=beta", "'defence.law' must be one of"),
     ("data.kind=csv", "'data.kind' must be one of"),
     ("data.color=bgr", "'data.color' must be one of"),
+    # values that passed these checks and failed later (numpy's seed, Pillow's crop, the op's keep) or trained
+    # something meaningless (a NaN learning rate, a margin of 50)
+    ("seed=-1", "'seed' must be in [0, 2**31)"),
+    ("seed=4294967296", "'seed' must be in [0, 2**31)"),
+    ("train.lr=nan", "'train.lr' must be a finite number, got nan"),
+    ("train.lr=.inf", "'train.lr' must be a finite number"),
+    ("head.s=.nan", "'head.s' must be a finite number"),
+    ("train.lr=0", "'train.lr' must be > 0"),
+    ("train.momentum=1", "'train.momentum' must be in [0, 1)"),
+    ("defence.keep=[]", "'defence.keep' must be a preset or a non-empty list of distinct channel ids in 0..63"),
+    ("defence.keep=[1,1]", "'defence.keep' must be a preset or a non-empty list"),
+    ("defence.keep=[64]", "channel ids in 0..63 (data.color='grey')"),
+    ("defence.keep=[1.5]", "'defence.keep' must be a preset or a non-empty list"),
+    ("defence.keep=everything", "'defence.keep' must be one of ('all', 'no_dc', 'partialface')"),
+    ("data.crop=-5", "'data.crop' must be >= 1 pixel or null"),
+    ("data.crop=0", "'data.crop' must be >= 1 pixel or null"),
+    ("head.m=50", "'head.m' must be in [0, 1) for head.type='cosface'"),
+    ("defence.k=0", "'defence.k' must be >= 1"),
+    ("data.val_identities=-1", "'data.val_identities' must be >= 0"),
 ])
 def test_config_values_in_range(setting, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
         load_config(sets=[setting])
+
+
+def test_config_ranges_that_depend_on_other_keys():
+    with pytest.raises(ValueError, match=re.escape("'head.m' must be in [0, 1.571) for head.type='arcface'")):
+        load_config(sets=["head.type=arcface", "head.m=2"])
+    assert load_config(sets=["head.type=arcface", "head.m=0.5"])["head"]["m"] == 0.5
+    assert load_config(sets=["data.color=rgb", "defence.keep=[0,100,191]"])["defence"]["keep"] == [0, 100, 191]
+    with pytest.raises(TypeError, match="'seed' must be int, got '2\\*\\*64'"):  # YAML reads 2**64 as a string
+        load_config(sets=["seed=2**64"])
+
+
+def test_a_yaml_file_whose_top_level_is_not_a_mapping(tmp_path, capsys):
+    """A config file written as a list ("- name: x") was an AttributeError traceback with exit 1."""
+    p = tmp_path / "list.yaml"
+    p.write_text("- name: x\n- train: {steps: 3}\n")
+    with pytest.raises(ValueError, match=r"list.yaml must hold a mapping of keys at its top level.*got a list"):
+        load_config(p)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--config", str(p)])
+    assert e.value.code == 2 and "must hold a mapping" in capsys.readouterr().err
+    p.write_text("")  # an empty file is the defaults
+    assert load_config(p)["name"] == "run"
 
 
 def test_loop_rechecks_values_and_the_device(tmp_path, tiny):
@@ -94,6 +135,8 @@ def test_loop_rechecks_values_and_the_device(tmp_path, tiny):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     """Config mistakes end the command with exit 2 and a message naming the key, not a traceback."""
     for argv, msg in ((["--set", "defence.k=abc"], "'defence.k' must be int"),
+                      (["--set", "seed=-1"], "'seed' must be in [0, 2**31)"),
+                      (["--set", "head.m=50"], "'head.m' must be in [0, 1)"),
                       (["--set", "nosuch=1"], "unknown config key 'nosuch'"),
                       (["--set", "novalue"], "--set expects key=value")):
         with pytest.raises(SystemExit) as e:
