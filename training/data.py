@@ -18,6 +18,7 @@ images of each person instead.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import mmap
 import os
@@ -33,7 +34,11 @@ import torch
 
 from .config import project_root
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A data setting the files cannot satisfy (a folder without images, too few identities for the pairs
+    asked, a missing data.root): the command lines report it in one line with exit 2, like a config error."""
 
 
 def data_root() -> Path:
@@ -80,13 +85,49 @@ def channels_of(color: str) -> int:
     return 1 if color == "grey" else 3
 
 
+def _eight_bit(im):
+    """A 16-bit, 32-bit integer or float grey image (Pillow modes I;16*, I, F) -> 8-bit "L" on the same scale.
+
+    Pillow's convert("L") clips these modes at 255 instead of scaling them: a 16-bit PNG of mid grey (100 * 257)
+    read as white everywhere. Integers are scaled from the source's bit depth: 16 for I;16 and for mode I as
+    Pillow's PNG and PGM readers fill it (samples on 0..65535), the TIFF BitsPerSample tag when there is one,
+    32 bits (signed, Pillow's mode I: top 2**31 - 1) when a value exceeds 16 bits. Floats are taken as [0, 1] when their values lie in it (the usual float
+    image convention), as [0, 255] when they lie in that, else stretched from their minimum to their maximum."""
+    from PIL import Image
+
+    a = np.asarray(im).astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"non-finite pixel values in a mode {im.mode} image")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if im.mode == "F" or lo < 0:
+        scale = 1.0 if lo >= 0 and hi <= 1 else 255.0 if lo >= 0 and hi <= 255 else None
+        a = (a - lo) / max(hi - lo, 1e-12) if scale is None else a / scale
+    else:
+        bits = 16
+        tag = getattr(im, "tag_v2", None)  # TIFF: BitsPerSample
+        if im.mode == "I" and tag is not None and tag.get(258):
+            bits = int(tuple(np.atleast_1d(tag.get(258)))[0])
+        if hi > 2**bits - 1:
+            bits = 32
+        # mode I is signed 32-bit: a 32-bit source's top value is 2**31 - 1
+        a = a / (2.0 ** min(bits, 31) - 1)
+    return Image.fromarray(np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8), "L")
+
+
 def decode_image(data: bytes, color: str = "grey", size: int = 112, crop: int | None = None, where: str = "?"):
-    """Encoded bytes -> (C, size, size) uint8 tensor, or None (counted in SKIPS) if it cannot be decoded."""
+    """Encoded bytes -> (C, size, size) uint8 tensor, or None (counted in SKIPS) if it cannot be decoded.
+
+    Any format Pillow decodes; of an animation (GIF, APNG, WebP) or a multi-page file (TIFF) the first
+    frame; 16-bit, 32-bit and float images scaled to 8 bits (``_eight_bit``), not clipped."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
+            im.load()  # the first frame (Image.open positions an animation there)
+            if im.mode.startswith("I") or im.mode == "F":
+                im = _eight_bit(im)
+            elif im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")  # as Pillow asks: converting such a palette image directly warns
             im = im.convert("L" if color == "grey" else "RGB")  # L -> RGB replicates the grey plane
     except Exception as exc:  # PIL raises many types on bad data (OSError, SyntaxError, ValueError, ...)
         SKIPS.record(where, f"{type(exc).__name__}: {exc}")
@@ -180,29 +221,65 @@ def _natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+def image_extensions() -> frozenset[str]:
+    """File name endings of the formats this Pillow can open (its plugins' registered extensions, not the
+    save-only ones): .gif, .jp2, .tga, .pgm, ... as installed, instead of a fixed list."""
+    from PIL import Image
+
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def is_image_file(path: Path, exts: frozenset[str]) -> bool:
+    """A file Pillow can open: by its extension, else (no or another extension) by Pillow identifying its
+    header. Hidden files (.DS_Store, ._x.jpg of macOS archives) are not faces. An image with a known
+    extension is kept even if broken: decoding counts it as skipped instead of hiding it."""
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    if path.suffix.lower() in exts:
+        return True
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):  # reads the header only
+            return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
+
+
 def scan_image_folder(root: str | os.PathLike) -> list[tuple[str, list[str]]]:
-    """[(identity, sorted image paths)] for an ImageFolder layout, identities in natural order."""
+    """[(identity, sorted image paths)] for an ImageFolder layout, identities in natural order. Every format
+    Pillow opens counts as an image (``is_image_file``)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise DataError(f"image folder {root} does not exist (data.root)")
+    exts = image_extensions()
     out = []
     for d in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)):
-        files = sorted((str(f) for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS), key=_natural_key)
+        files = sorted((str(f) for f in d.iterdir() if is_image_file(f, exts)), key=_natural_key)
         if files:
             out.append((d.name, files))
     if not out:
-        raise FileNotFoundError(f"image folder {root} holds no images: expected <root>/<identity>/<image> with "
-                                f"extensions {', '.join(sorted(IMAGE_EXTS))}")
+        raise DataError(f"image folder {root} holds no images: expected <root>/<identity>/<image>, one folder per "
+                        "identity, in a format Pillow reads (data.root)")
     return out
 
 
 @dataclass
 class PairSet:
-    """Verification pairs: images (2P, C, S, S) uint8, pair p = (images[2p], images[2p+1]), issame (P,)."""
+    """Verification pairs: images (2P, C, S, S) uint8, pair p = (images[2p], images[2p+1]), issame (P,).
+
+    ``keys`` (P,) int64: pairs with equal keys are the same pair of images listed more than once (a pair file
+    or .bin set may repeat pairs); the folds keep such repeats together (eval.verification), so a pair never
+    chooses the threshold that scores its own copy. None: every pair distinct (``make_pairs``).
+    ``requested`` / ``note``: the pairs asked for and, when the identities hold fewer distinct pairs, what
+    was drawn instead (reported with the accuracy)."""
 
     name: str
     images: torch.Tensor
     issame: torch.Tensor
+    keys: torch.Tensor | None = None
+    requested: int | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -240,35 +317,104 @@ def lfw_path(root: Path, name: str, i: int) -> Path:
     return root / name / f"{name}_{i:04d}.jpg"
 
 
+def pair_capacity(labels: torch.Tensor) -> tuple[int, int]:
+    """(genuine, impostor): how many distinct unordered pairs of different images the labels allow."""
+    n = torch.bincount(labels.long()).long() if labels.numel() else torch.zeros(0, dtype=torch.long)
+    total = int(labels.numel())
+    genuine = int((n * (n - 1) // 2).sum())
+    return genuine, total * (total - 1) // 2 - genuine
+
+
+def _interleave(gen: list, imp: list) -> tuple[list, list]:
+    """Genuine and impostor pairs merged evenly (pair i of a class at position (i + 0.5) / count of the merged
+    list): G, I, G, I, ... for equal counts, and every stretch of the list holds both classes in proportion when
+    one class ran short, so contiguous folds stay mixed."""
+    tagged = [((i + 0.5) / len(gen), 0, p, True) for i, p in enumerate(gen)]
+    tagged += [((i + 0.5) / len(imp), 1, p, False) for i, p in enumerate(imp)]
+    tagged.sort(key=lambda t: (t[0], t[1]))
+    return [t[2] for t in tagged], [t[3] for t in tagged]
+
+
 def make_pairs(labels: torch.Tensor, n_pairs: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half genuine, half impostor pairs of indices into ``labels``: (P, 2) int64 and issame (P,) bool."""
+    """Distinct verification pairs of indices into ``labels``: (P, 2) int64 and issame (P,) bool, genuine and
+    impostor alternating; ceil(n_pairs / 2) genuine and floor(n_pairs / 2) impostor pairs asked.
+
+    No pair (unordered) occurs twice: a repeated pair inflated the reported sample size and could sit in both
+    the threshold folds and the test fold. A class with fewer distinct pairs than asked contributes all of
+    them (P < n_pairs; ``pair_capacity`` says how many there are). Genuine pairs: an identity drawn uniformly
+    among those with pairs left, then two of its images; impostor pairs: two identities drawn uniformly, one
+    image of each, unless the identities hold at most 4x the pairs asked, then a uniform subset of them all."""
     labels = labels.long()
-    by_id = {}
+    by_id: dict[int, list[int]] = {}
     for i, y in enumerate(labels.tolist()):
         by_id.setdefault(y, []).append(i)
     multi = [v for v in by_id.values() if len(v) >= 2]
     ids = list(by_id)
     if not multi or len(ids) < 2:
-        raise ValueError("verification pairs need >= 2 identities, one of them with >= 2 images "
-                         "(data.val_identities / data.test_identities must hold at least 2 identities)")
-    pairs, same = [], []
-    for p in range(n_pairs):
-        if p % 2 == 0:
-            grp = multi[int(torch.randint(len(multi), (1,), generator=generator))]
+        raise DataError("verification pairs need >= 2 identities, one of them with >= 2 images "
+                        "(data.val_identities / data.test_identities must hold at least 2 identities)")
+    want_gen, want_imp = n_pairs - n_pairs // 2, n_pairs // 2
+    cap_gen, cap_imp = pair_capacity(labels)
+
+    def rand(n):
+        return int(torch.randint(n, (1,), generator=generator))
+
+    gen: list[tuple[int, int]] = []
+    if cap_gen <= want_gen:
+        gen = [(v[a], v[b]) for v in multi for a in range(len(v)) for b in range(a + 1, len(v))]
+    else:
+        seen, left = set(), {id(v): len(v) * (len(v) - 1) // 2 for v in multi}
+        live = list(multi)
+        while len(gen) < want_gen:
+            grp = live[rand(len(live))]
             a, b = torch.randperm(len(grp), generator=generator)[:2].tolist()
-            pairs.append((grp[a], grp[b]))
-            same.append(True)
-        else:
+            key = (min(grp[a], grp[b]), max(grp[a], grp[b]))
+            if key in seen:
+                continue
+            seen.add(key)
+            gen.append((grp[a], grp[b]))
+            left[id(grp)] -= 1
+            if not left[id(grp)]:  # every pair of this identity used: drawing it again could only repeat
+                live.remove(grp)
+    imp: list[tuple[int, int]] = []
+    if cap_imp <= 4 * want_imp:
+        # Few enough to list: a uniform subset (all of them when they do not reach want_imp). Rejection
+        # sampling would spend most draws on used pairs as the supply runs out.
+        every = [(a, b) for x, ya in enumerate(ids) for yb in ids[x + 1:] for a in by_id[ya] for b in by_id[yb]]
+        imp = [every[i] for i in torch.randperm(len(every), generator=generator)[:want_imp].tolist()]
+    else:
+        seen = set()
+        while len(imp) < want_imp:
             ya, yb = torch.randperm(len(ids), generator=generator)[:2].tolist()
             ga, gb = by_id[ids[ya]], by_id[ids[yb]]
-            pairs.append((ga[int(torch.randint(len(ga), (1,), generator=generator))], gb[int(torch.randint(len(gb), (1,), generator=generator))]))
-            same.append(False)
-    return torch.tensor(pairs, dtype=torch.int64), torch.tensor(same)
+            pair = (ga[rand(len(ga))], gb[rand(len(gb))])
+            key = (min(pair), max(pair))
+            if key not in seen:  # at most want_imp of the > 4 want_imp pairs are used: few redraws
+                seen.add(key)
+                imp.append(pair)
+    pairs, same = _interleave(gen, imp)
+    return torch.tensor(pairs, dtype=torch.int64).view(-1, 2), torch.tensor(same, dtype=torch.bool)
 
 
 def pairset_from(name: str, faces: CachedFaces, n_pairs: int, generator: torch.Generator) -> PairSet:
+    """Distinct pairs of ``faces`` (``make_pairs``); when its identities hold fewer than asked, all of them,
+    with a warning and the shortfall in ``note``."""
     idx, same = make_pairs(faces.labels, n_pairs, generator)
-    return PairSet(name, faces.images[idx.flatten()], same)
+    note = None
+    if idx.shape[0] < n_pairs:
+        cap_gen, cap_imp = pair_capacity(faces.labels)
+        ids = int(torch.unique(faces.labels).numel())
+        note = (f"{name}: {idx.shape[0]} distinct pairs instead of the {n_pairs} asked ({int(same.sum())} genuine of "
+                f"{cap_gen} possible, {int((~same).sum())} impostor of {cap_imp} possible, from {ids} identities and "
+                f"{len(faces)} images); every distinct pair is used once rather than repeating pairs")
+        warnings.warn(note, stacklevel=2)
+    return PairSet(name, faces.images[idx.flatten()], same, requested=n_pairs, note=note)
+
+
+def pair_keys(pairs: list[tuple]) -> torch.Tensor:
+    """(P,) int64 ids of the unordered pairs of hashable image ids ``pairs``: equal ids for a repeated pair."""
+    first: dict = {}
+    return torch.tensor([first.setdefault(frozenset(p), len(first)) for p in pairs], dtype=torch.int64)
 
 
 def _split_count(spec, total: int) -> int:
@@ -313,7 +459,7 @@ def load_orl(cfg: dict, root: Path | None = None) -> DataBundle:
 
 def _load_pairs_file(name: str, root: Path, pairs_path: Path, color, size, crop) -> PairSet:
     pairs = parse_pairs(pairs_path)
-    imgs, same = [], []
+    imgs, same, which = [], [], []
     for a, i, b, j, s in pairs:
         ia = read_image(lfw_path(root, a, i), color, size, crop)
         ib = read_image(lfw_path(root, b, j), color, size, crop)
@@ -321,7 +467,10 @@ def _load_pairs_file(name: str, root: Path, pairs_path: Path, color, size, crop)
             continue  # counted in SKIPS; the pair is dropped
         imgs += [ia, ib]
         same.append(s)
-    return PairSet(name, torch.stack(imgs), torch.tensor(same))
+        which.append(((a, i), (b, j)))
+    if not imgs:
+        raise DataError(f"no pair of {pairs_path} could be read from {root} (data.pairs, data.root)")
+    return PairSet(name, torch.stack(imgs), torch.tensor(same), keys=pair_keys(which))
 
 
 def load_identity_folders(cfg: dict) -> DataBundle:
@@ -337,8 +486,10 @@ def load_identity_folders(cfg: dict) -> DataBundle:
         pairs = d["pairs"] if d["pairs"] is not None else str(data_root() / "lfw_pairsDevTest.txt")
     else:
         if not d["root"]:
-            raise ValueError("data.root is required for data.kind=imagefolder")
+            raise DataError("data.root is required for data.kind=imagefolder")
         root, pairs = Path(d["root"]), d["pairs"]
+    if pairs and not Path(pairs).is_file():
+        raise DataError(f"pair list {pairs} does not exist (data.pairs)")
     color, size, crop = d["color"], d["size"], d["crop"]
     people = scan_image_folder(root)
     g = torch.Generator().manual_seed(int(cfg["seed"]))
@@ -550,7 +701,7 @@ def load_bin(path: str | os.PathLike, color="rgb", size=112, crop=None) -> PairS
         except UnicodeDecodeError:  # packs written by Python 2
             f.seek(0)
             bins, issame = pickle.load(f, encoding="bytes")
-    imgs, same = [], []
+    imgs, same, which = [], [], []
     for p, s in enumerate(issame):
         a = decode_image(bytes(bins[2 * p]), color, size, crop, where=f"{path}#{2 * p}")
         b = decode_image(bytes(bins[2 * p + 1]), color, size, crop, where=f"{path}#{2 * p + 1}")
@@ -558,16 +709,22 @@ def load_bin(path: str | os.PathLike, color="rgb", size=112, crop=None) -> PairS
             continue
         imgs += [a, b]
         same.append(bool(s))
+        # an image is known by its encoded bytes: the same pair listed twice has equal digests
+        which.append(tuple(hashlib.blake2b(bytes(bins[2 * p + t]), digest_size=16).digest() for t in (0, 1)))
     c = channels_of(color)
     images = torch.stack(imgs) if imgs else torch.zeros(0, c, size, size, dtype=torch.uint8)
-    return PairSet(Path(path).stem, images, torch.tensor(same, dtype=torch.bool))
+    return PairSet(Path(path).stem, images, torch.tensor(same, dtype=torch.bool), keys=pair_keys(which))
 
 
 def load_recordio(cfg: dict) -> DataBundle:
     d = cfg["data"]
     if not d["root"]:
-        raise ValueError("data.root is required for data.kind=recordio (a folder with train.rec / train.idx)")
+        raise DataError("data.root is required for data.kind=recordio (a folder with train.rec / train.idx)")
     root = Path(d["root"])
+    for name in ["train.rec", "train.idx", *(d["bin_sets"] or []), *([d["val_bin"]] if d["val_bin"] else [])]:
+        if not (root / name).is_file():
+            raise DataError(f"{root / name} does not exist (data.root {root}: a folder with train.rec, train.idx "
+                            "and the .bin sets of data.bin_sets / data.val_bin)")
     train = RecordIOFaces(root / "train.rec", root / "train.idx", d["color"], d["size"], d["crop"])
     # .bin sets are named relative to the pack (root / an absolute path is that path)
     tests = [load_bin(root / b, d["color"], d["size"], d["crop"]) for b in d["bin_sets"] or []]
@@ -580,7 +737,7 @@ def load_recordio(cfg: dict) -> DataBundle:
         g = torch.Generator().manual_seed(int(cfg["seed"]))
         sel = torch.randperm(len(v.issame), generator=g)[:n]
         pos = torch.stack([2 * sel, 2 * sel + 1], 1).flatten()
-        bundle.val = PairSet(v.name + "_val", v.images[pos], v.issame[sel])
+        bundle.val = PairSet(v.name + "_val", v.images[pos], v.issame[sel], keys=v.keys[sel], requested=int(d["val_pairs"]))
     bundle.info = {"train": len(train), "identities": train.num_classes, "root": str(root)}
     return bundle
 
@@ -629,6 +786,10 @@ def load_data(cfg: dict) -> DataBundle:
     before = SKIPS.count
     bundle = LOADERS[kind](cfg)
     bundle.info["skipped_images"] = SKIPS.count - before
+    # fewer distinct pairs than asked (pairset_from): said in results.json as well as in the warning
+    notes = [t.note for t in [bundle.val, *bundle.tests] if isinstance(t, PairSet) and t.note]
+    if notes:
+        bundle.info["pair_shortfall"] = notes
     return bundle
 
 
@@ -648,9 +809,10 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, start: tuple[int, int] = (0, 0)):
         if global_batch % world:
-            raise ValueError(f"train.batch_size ({global_batch}) must be divisible by the world size ({world})")
+            raise DataError(f"train.batch_size ({global_batch}) must be divisible by the world size ({world})")
         if n < global_batch:
-            raise ValueError(f"the training set has {n} images, fewer than one batch of {global_batch}")
+            raise DataError(f"the training set has {n} images, fewer than one batch of {global_batch} "
+                            "(train.batch_size; or more training identities / images: data.*)")
         self.n, self.gb, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
         self.start = start
         self.per_epoch = n // global_batch

@@ -37,6 +37,7 @@ import torch
 from .config import CONFIG_ERRORS, error_text, load_config
 from .data import load_data
 from .loop import train
+from .train import RUN_ERRORS
 
 DEFAULT_DEFENCES = "none,freq,ppfr,partialface,dctdp,instahide:3,hybrid:2,hybrid:3,hybrid:4,hybrid:5,hybrid:6,adaptive"
 
@@ -109,6 +110,10 @@ def run_table(config: str, defences, sets, out_root: Path, curves_prefix: Path |
         row = {
             "defence": label(name, k), "test_set": test.get("set"), "task": test.get("task"),
             "test_accuracy": test.get("accuracy"), "test_accuracy_std": test.get("accuracy_std"),
+            # both conventions (arcface_torch's "Accuracy" and "Accuracy-Flip"); absent from runs reused from
+            # before they were reported
+            "test_accuracy_plain": test.get("accuracy_plain"), "test_accuracy_flip": test.get("accuracy_flip"),
+            "pairs_note": test.get("pairs_note"),
             "tar_at_far": test.get("tar_at_far"), "far": test.get("far"),
             "val_accuracy": res["val_accuracy"], "k_mean": res["k_mean"], "k_mean_last20": res["k_mean_last20"],
             "k_hist_last20": res["k_hist_last20"], "wall_s": wall, "steps": res["steps"], "input": res["input"],
@@ -151,17 +156,26 @@ def to_markdown(tables: list[dict], info: dict) -> str:
             "",
         ]
         verif = any(r["task"] == "verification" for r in t["rows"])
-        hdr = "| defence | input | test accuracy | " + ("TAR@FAR=1e-3 | " if verif else "") + "val accuracy | mean k (all / last 20%) | wall s |"
+        flip = bool(b["eval"]["tta_flip"])
+        hdr = (f"| defence | input | test accuracy ({'flip TTA' if flip else 'plain'}) | "
+               f"{'plain' if flip else 'flip TTA'} | " + ("TAR@FAR=1e-3 | " if verif else "")
+               + "val accuracy | mean k (all / last 20%) | wall s |")
         lines += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
         for r in t["rows"]:
             acc = f"{r['test_accuracy']:.4f}" + (f" ± {r['test_accuracy_std']:.4f}" if r["task"] == "verification" else "")
+            other = r.get("test_accuracy_plain" if flip else "test_accuracy_flip")
+            other = "-" if other is None else f"{other:.4f}"
             tar = f"{r['tar_at_far']:.4f} | " if verif else ""
             lines.append(
-                f"| {r['defence']} | {r['input'][0]}x{r['input'][1]}x{r['input'][1]} | {acc} | {tar}{r['val_accuracy']:.4f} | "
+                f"| {r['defence']} | {r['input'][0]}x{r['input'][1]}x{r['input'][1]} | {acc} | {other} | {tar}{r['val_accuracy']:.4f} | "
                 f"{r['k_mean']:.2f} / {r['k_mean_last20']:.2f} | {r['wall_s']:.0f} |"
             )
         task = t["rows"][0]["task"] if t["rows"] else "?"
-        lines += ["", f"Test task: {task} on `{t['rows'][0]['test_set'] if t['rows'] else '?'}`."]
+        lines += ["", f"Test task: {task} on `{t['rows'][0]['test_set'] if t['rows'] else '?'}`. Flip TTA: the embeddings "
+                  "of a face and its mirror image summed (arcface_torch's \"Accuracy-Flip\"); plain: the face alone "
+                  "(its \"Accuracy\"); eval.tta_flip picks the first accuracy column."]
+        notes = sorted({r["pairs_note"] for r in t["rows"] if r.get("pairs_note")})
+        lines += [f"Pairs: {n}." for n in notes]
         for r in t["rows"]:
             if "policy_probs_final" in r:
                 lines.append(f"Adaptive policy: final pi(k) over k={r['k_choices']}: {r['policy_probs_final']}; "
@@ -273,7 +287,11 @@ def main(argv=None) -> int:
     except CONFIG_ERRORS as e:
         ap.error(error_text(e))
     t0 = time.time()
-    tables = [run_table(c, defences, args.set, Path("out") / out.name, out.parent / out.name, args.reuse, args.reeval) for c in args.configs]
+    try:
+        tables = [run_table(c, defences, args.set, Path("out") / out.name, out.parent / out.name, args.reuse, args.reeval)
+                  for c in args.configs]
+    except RUN_ERRORS as e:  # a folder without faces, a damaged checkpoint of a reused run, a full disk
+        ap.error(str(e))
     info["wall_s"] = time.time() - t0
     out.with_suffix(".json").write_text(json.dumps({**info, "tables": tables}, indent=1, default=str))
     out.with_suffix(".md").write_text(to_markdown(tables, info))

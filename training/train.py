@@ -17,13 +17,22 @@ import sys
 import torch.distributed as dist
 
 from .config import CONFIG_ERRORS, error_text, load_config
-from .loop import ResumeMismatch, train
+from .data import DataError
+from .loop import CheckpointError, ResumeMismatch, train
+
+# Errors of the run that the user resolves (a folder without faces, a checkpoint of another config or a damaged
+# one): one line naming the setting or file and what to do, exit 2 like a config error; a full disk exit 1.
+RUN_ERRORS = (DataError, ResumeMismatch, CheckpointError)
 
 
 def summary(res: dict) -> str:
     lines = [f"{res['name']} / {res['defence']}: {res['steps']} steps in {res['wall_s']:.0f} s; held-out val accuracy {res['val_accuracy']:.4f}"]
     for t in res["tests"]:
         extra = f", TAR@FAR={t['far']:g}: {t['tar_at_far']:.4f}" if t["task"] == "verification" else ""
+        if "accuracy_flip" in t:  # arcface_torch reports both: "Accuracy" and "Accuracy-Flip"
+            extra += f" (plain {t['accuracy_plain']:.4f}, flip TTA {t['accuracy_flip']:.4f})"
+        if t.get("pairs_note"):
+            extra += f"; {t['pairs_note']}"
         lines.append(f"  {t['set']} ({t['task']}): accuracy {t['accuracy']:.4f}{extra}")
     lines.append(f"  mean k {res['k_mean']:.2f} (last 20% of steps: {res['k_mean_last20']:.2f}); k histogram {res['k_hist']}")
     return "\n".join(lines)
@@ -44,7 +53,10 @@ def main(argv=None) -> int:
         cfg["out_dir"] = args.out
     try:
         res = train(cfg, resume=not args.fresh)
-    except ResumeMismatch as e:
+    except RUN_ERRORS as e:
+        if isinstance(e, CheckpointError) and "no space left" in str(e):
+            print(f"{ap.prog}: error: {e}", file=sys.stderr)  # not a usage error: the machine's disk
+            return 1
         ap.error(str(e))
     finally:
         if dist.is_initialized():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -123,10 +126,184 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, tiny):
 def test_image_folder_without_images_names_the_layout(tmp_path):
     (tmp_path / "person0").mkdir()
     (tmp_path / "person0" / "notes.txt").write_text("no faces here")
-    with pytest.raises(FileNotFoundError, match=r"holds no images: expected <root>/<identity>/<image>"):
+    (tmp_path / "person0" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    with pytest.raises(D.DataError, match=r"holds no images: expected <root>/<identity>/<image>"):
         D.scan_image_folder(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(D.DataError, match="does not exist"):
         D.scan_image_folder(tmp_path / "missing")
+
+
+def test_image_folder_without_images_is_a_one_line_error(tmp_path, capsys):
+    """An image folder set without faces ended the command with a FileNotFoundError traceback after the config
+    had been accepted; now one line naming the folder, exit 2 like a config error."""
+    from training import train as cli
+
+    (tmp_path / "faces" / "person0").mkdir(parents=True)
+    (tmp_path / "faces" / "person0" / "notes.txt").write_text("no faces here")
+    p = tmp_path / "c.yaml"
+    p.write_text(f"data: {{kind: imagefolder, root: {tmp_path / 'faces'}}}\ntrain: {{progress: false, threads: 1}}\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--config", str(p), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "holds no images" in err and "Traceback" not in err
+
+
+def _gif(frames: list[torch.Tensor]) -> bytes:
+    """(1, H, W) uint8 frames -> an (animated when several) grey GIF."""
+    ims = [Image.fromarray(f[0].numpy()) for f in frames]
+    buf = io.BytesIO()
+    ims[0].save(buf, format="GIF", save_all=len(ims) > 1, append_images=ims[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+def test_image_folder_reads_every_format_pillow_decodes(tmp_path):
+    """A classic face set of grey GIFs (one folder per person) was refused: the loader took a fixed list of
+    extensions. Now every format Pillow opens counts, an animation by its first frame, and a face without an
+    extension too (identified by Pillow); files that are not images are left out, not counted as broken."""
+    root = tmp_path / "faces"
+    imgs, labels = _faces(3, 4, c=1, size=48)
+    for i, (im, y) in enumerate(zip(imgs, labels)):
+        d = root / f"subject{int(y) + 1:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.gif").write_bytes(_gif([im, 255 - im]))  # the second frame is the negative
+    (root / "subject01" / "scan_noext").write_bytes(_encode(imgs[0], "BMP"))
+    (root / "subject01" / "face.tga").write_bytes(_encode(imgs[0], "TGA"))
+    (root / "subject02" / "Readme.txt").write_text("not a face")
+    people = D.scan_image_folder(root)
+    assert [n for n, _ in people] == ["subject01", "subject02", "subject03"]
+    assert [len(f) for _, f in people] == [6, 4, 4]
+    first = D.read_image(root / "subject01" / "0.gif", "grey", 48)
+    assert torch.equal(first, imgs[0])  # the first frame, not the negative
+    assert D.read_image(root / "subject01" / "face.tga", "grey", 48).equal(imgs[0])
+    assert D.read_image(root / "subject01" / "scan_noext", "grey", 48).equal(imgs[0])
+    assert ".gif" in D.image_extensions() and ".jp2" in D.image_extensions()
+
+
+def _png16(value: int, mode="I;16") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 30), value, dtype=np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped():
+    """convert("L") clips 16-bit samples at 255: a 16-bit PNG of 100 * 257 read as white everywhere (a face was
+    all white, neither skipped nor counted). 16-bit, 32-bit integer and float images are scaled to 8 bits."""
+    im = D.decode_image(_png16(100 * 257), "grey", 16)
+    assert im.shape == (1, 16, 16) and int(im.min()) == int(im.max()) == 100
+    assert D.decode_image(_png16(65535), "rgb", 16).eq(255).all()
+    assert D.decode_image(_png16(0), "grey", 16).eq(0).all()
+
+    def tiff(arr):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="TIFF")
+        return buf.getvalue()
+
+    grad = np.linspace(0, 1, 20 * 30, dtype=np.float32).reshape(20, 30)
+    got = D.decode_image(tiff(grad), "grey", 30)  # float in [0, 1]
+    want = D.decode_image(_encode(torch.from_numpy(np.rint(grad * 255).astype(np.uint8))[None]), "grey", 30)
+    assert (got.int() - want.int()).abs().max() <= 1 and int(got.max()) == 255
+    assert int(D.decode_image(tiff(np.full((8, 8), 0.5, np.float32)), "grey", 8).max()) == 128
+    assert int(D.decode_image(tiff(np.full((8, 8), 200.0, np.float32)), "grey", 8).max()) == 200  # [0, 255] floats
+    assert int(D.decode_image(tiff(np.full((8, 8), 100 * 257, np.uint16)), "grey", 8).max()) == 100  # I;16 TIFF
+    assert int(D.decode_image(tiff(np.full((8, 8), 2**31 - 1, np.int32)), "grey", 8).max()) == 255  # 32-bit TIFF
+    pgm = b"P5\n4 3\n65535\n" + np.full(12, 100 * 257, ">u2").tobytes()  # 16-bit PGM (Pillow: mode I)
+    assert int(D.decode_image(pgm, "grey", 4).max()) == 100
+    before = D.SKIPS.count
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SKIPS warns for the first few skips of the process only
+        assert D.decode_image(tiff(np.full((8, 8), np.nan, np.float32)), "grey", 8, where="nan.tif") is None
+    assert D.SKIPS.count == before + 1
+    assert len(D.SKIPS.examples) == 20 or "non-finite" in D.SKIPS.examples[-1]  # examples: the first 20 only
+
+
+def _assert_distinct(idx, same, labels):
+    keys = [tuple(sorted(p)) for p in idx.tolist()]
+    assert len(set(keys)) == len(keys), "a pair repeats"
+    assert all(a != b for a, b in keys)
+    assert all(bool(labels[a] == labels[b]) == s for (a, b), s in zip(idx.tolist(), same.tolist()))
+
+
+def test_verification_pairs_are_distinct_and_never_repeated():
+    """make_pairs drew with replacement: 1000 pairs "500 genuine" from 5 identities x 11 images, which hold 275
+    distinct genuine pairs, so pairs repeated (and a repeat could sit in a threshold fold and the test fold).
+    Now every pair is distinct; a class short of pairs gives all of its pairs, once."""
+    labels = torch.arange(5).repeat_interleave(11)
+    idx, same = D.make_pairs(labels, 1000, torch.Generator().manual_seed(0))
+    _assert_distinct(idx, same, labels)
+    assert D.pair_capacity(labels) == (275, 1210)
+    assert int(same.sum()) == 275 and int((~same).sum()) == 500  # every genuine pair, the impostors asked
+    # plenty of pairs: exactly the count asked, half and half, alternating (contiguous folds hold both classes)
+    big = torch.arange(30).repeat_interleave(20)
+    idx, same = D.make_pairs(big, 600, torch.Generator().manual_seed(1))
+    _assert_distinct(idx, same, big)
+    assert idx.shape == (600, 2) and int(same.sum()) == 300 and same[0::2].all() and not same[1::2].any()
+    # few impostor pairs (2 identities of 3): all 9 of them; the 6 genuine pairs all used too
+    two = torch.tensor([0, 0, 0, 1, 1, 1])
+    idx, same = D.make_pairs(two, 40, torch.Generator().manual_seed(2))
+    _assert_distinct(idx, same, two)
+    assert int(same.sum()) == 6 and int((~same).sum()) == 9
+    # deterministic for a seed
+    a = D.make_pairs(labels, 100, torch.Generator().manual_seed(3))[0]
+    assert torch.equal(a, D.make_pairs(labels, 100, torch.Generator().manual_seed(3))[0])
+
+
+def test_pair_shortfall_is_reported_in_results_and_the_log(tmp_path, tiny):
+    """The classic-set run of the issue: 5 test identities of 11 images, 1000 test pairs asked. The run uses
+    the 775 distinct pairs there are and says so: a warning, results.json (data and the test's entry), and
+    the validation lines of metrics.jsonl for validation pairs."""
+    root = tmp_path / "faces"
+    imgs, labels = _faces(9, 11, c=1, size=40)
+    for i, (im, y) in enumerate(zip(imgs, labels)):
+        d = root / f"s{int(y)}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.gif").write_bytes(_gif([im]))
+    cfg = tiny(tmp_path / "run", **{"data.kind": "imagefolder", "data.root": str(root), "data.min_images": 5,
+                                   "data.val_identities": 2, "data.test_identities": 5, "data.val_pairs": 300,
+                                   "data.test_pairs": 1000, "defence.name": "hybrid", "defence.k": 2,
+                                   "train.steps": 2, "train.eval_every": 1})
+    with pytest.warns(UserWarning) as caught:
+        res = train(cfg, resume=False)
+    said = [str(w.message) for w in caught]
+    assert any("imagefolder_test: 775 distinct pairs instead of the 1000 asked (275 genuine of 275" in m for m in said)
+    assert any("imagefolder_val: 231 distinct pairs instead of the 300 asked" in m for m in said)
+    t = res["tests"][0]
+    assert t["pairs"] == 775 and t["genuine"] == 275 and t["pairs_requested"] == 1000 and t["repeated_pairs"] == 0
+    assert "every distinct pair is used once" in t["pairs_note"]
+    notes = res["data"]["pair_shortfall"]
+    assert any(n.startswith("imagefolder_test: 775 distinct pairs") for n in notes)
+    # validation: 2 identities x 11 images = 110 genuine + 121 impostor pairs < 300 asked
+    assert any(n.startswith("imagefolder_val: 231 distinct pairs") for n in notes)
+    vals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert vals and all(v["pairs"] == 231 and v["pairs_requested"] == 300 for v in vals)
+
+
+def test_repeated_pairs_stay_in_one_fold(tmp_path):
+    """A pair list or .bin set may list a pair twice: its copies share a fold, so no copy chooses the threshold
+    applied to another (across-fold leakage); the result counts them."""
+    from training.eval import assign_folds, verification
+
+    same = torch.tensor([True, False] * 10)
+    keys = torch.arange(20)
+    keys[15] = keys[2]  # pair 15 is pair 2 again
+    keys[19] = keys[0]
+    fold, _, repeated = assign_folds(same, 10, keys)
+    assert repeated == 2 and fold[15] == fold[2] and fold[19] == fold[0]
+    assert torch.equal(assign_folds(same, 10)[0], torch.arange(20) // 2)
+    assert verification(torch.rand(20), same, 10, keys=keys)["repeated_pairs"] == 2
+    # a pair file with a repeated line, and a .bin set with a repeated pair: equal keys
+    imgs, labels = _faces(2, 3, c=1)
+    bins = [_encode(imgs[i]) for i in (0, 1, 0, 3, 1, 0)]  # pair 2 = pair 0 reversed
+    D.write_bin(tmp_path / "x.bin", bins, [True, False, True])
+    ps = D.load_bin(tmp_path / "x.bin", color="grey", size=32)
+    assert ps.keys.tolist() == [0, 1, 0]
+    root = tmp_path / "lfw"
+    for name in ("Ann", "Bob"):
+        (root / name).mkdir(parents=True)
+        for i in (1, 2):
+            (root / name / f"{name}_{i:04d}.jpg").write_bytes(_encode(imgs[i], "JPEG"))
+    (tmp_path / "pairs.txt").write_text("Ann 1 2\nAnn 1 Bob 2\nAnn 2 1\nBob 2 Ann 1\nBob 1 2\n")
+    ps = D._load_pairs_file("pairs", root, tmp_path / "pairs.txt", "grey", 32, None)
+    assert ps.keys.tolist() == [0, 1, 0, 1, 2]
 
 
 def test_decode_variants():

@@ -87,3 +87,63 @@ def test_backbones_take_frequency_channels(arch, c, s):
         assert m(torch.randn(2, c, s, s)).shape == (2, 32)
     full = build_model("iresnet50", 189, 112, 512)
     assert full.stem[0].in_channels == 189 and full.fc.in_features == 512 * 49
+
+
+@pytest.mark.parametrize("defence", ["freq", "dctdp", "partialface"])
+def test_both_flip_conventions_are_reported(defence):
+    """arcface_torch's headline "Accuracy-Flip" sums the embeddings of a face and its mirror image; fastmix's
+    default (eval.tta_flip false) does not, so a number was compared with the other convention. evaluate
+    reports both: plain equals a plain-only evaluation (the flip pass draws the same test-time randomness for
+    the mirror image and leaves the stream where the plain pass left it), flip equals a flip-only one."""
+    from training.config import load_config
+    from training.data import IdentSet, PairSet, synthetic_faces
+    from training.defences import build_defence
+    from training.eval import embed, embed_both, evaluate
+
+    cfg = load_config(overrides={"defence": {"name": defence, "upsample": 1}})
+    d = build_defence(cfg, 1, torch.device("cpu"), seed=0)
+    c_in, s_in = d.out_shape()
+    torch.manual_seed(0)
+    net = build_model("tiny", c_in, s_in, embedding=16)
+    faces = synthetic_faces(4, 4, 1, 112, seed=5)
+    pairs = PairSet("p", faces.images, (faces.labels[0::2] == faces.labels[1::2]))
+    plain, flip = evaluate(pairs, net, d, "cpu", batch=3), evaluate(pairs, net, d, "cpu", batch=3, flip=True)
+    both = evaluate(pairs, net, d, "cpu", batch=3, both=True)
+    assert both["accuracy"] == both["accuracy_plain"] == plain["accuracy"] and both["accuracy_flip"] == flip["accuracy"]
+    assert evaluate(pairs, net, d, "cpu", batch=3, flip=True, both=True)["accuracy"] == flip["accuracy"]
+    ident = IdentSet("i", faces, faces)
+    got = evaluate(ident, net, d, "cpu", batch=3, both=True)
+    assert got["accuracy_plain"] == evaluate(ident, net, d, "cpu", batch=3)["accuracy"]
+    assert got["accuracy_flip"] == evaluate(ident, net, d, "cpu", batch=3, flip=True)["accuracy"]
+    ep, ef = embed_both(net, d, faces.images, "cpu", batch=3)
+    assert torch.equal(ep, embed(net, d, faces.images, "cpu", batch=3))
+    if defence == "freq":  # deterministic encoding: flip = normalise(e(x) + e(mirror x)) by hand
+        x = faces.images.float() / 127.5 - 1
+        with torch.no_grad():
+            want = F.normalize(net.eval()(d.encode_eval(x, None)) + net(d.encode_eval(x.flip(-1), None)))
+        torch.testing.assert_close(ef, want, atol=1e-5, rtol=1e-5)
+
+
+def test_results_report_plain_and_flip_accuracy(tmp_path, tiny):
+    from training.loop import train
+
+    res = train(tiny(tmp_path, **{"defence.name": "hybrid", "train.steps": 1}), resume=False)
+    t = res["tests"][0]
+    assert {"accuracy_plain", "accuracy_flip"} <= set(t) and t["accuracy"] == t["accuracy_plain"]
+    assert res["tta_flip"] is False
+
+
+def test_results_table_shows_both_accuracies():
+    from training.config import load_config
+    from training.results import to_markdown
+
+    row = {"defence": "none", "test_set": "lfw", "task": "verification", "test_accuracy": 0.8, "test_accuracy_std": 0.01,
+           "test_accuracy_plain": 0.8, "test_accuracy_flip": 0.825, "tar_at_far": 0.1, "far": 1e-3, "val_accuracy": 0.7,
+           "k_mean": 1.0, "k_mean_last20": 1.0, "wall_s": 3.0, "input": [1, 112], "pairs_note": None}
+    info = {"command": "x", "date": "d", "wall_s": 3.0, "machine": {"cpu": "c", "cores": 2, "torch_threads": 1,
+                                                                    "torch": "t", "python": "p", "load_avg_start": (0, 0, 0)}}
+    table = {"name": "t", "config": "c.yaml", "data": {}, "rows": [row], "base_config": load_config()}
+    md = to_markdown([table], info)
+    assert "| test accuracy (plain) | flip TTA |" in md and "| 0.8000 ± 0.0100 | 0.8250 |" in md
+    old = {k: v for k, v in row.items() if k not in ("test_accuracy_plain", "test_accuracy_flip")}  # a reused run
+    assert "| 0.8000 ± 0.0100 | - |" in to_markdown([{**table, "rows": [old]}], info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 
 import numpy as np
@@ -149,3 +150,150 @@ def test_dataloader_workers_leave_stop_signals_to_the_trainer():
     loader = torch.utils.data.DataLoader(_SignalDispositions(), batch_size=2, num_workers=1,
                                          worker_init_fn=ignore_stop_signals)
     assert next(iter(loader)).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Damaged checkpoints and logs: a clear error or a repair, never a silent resume or a traceback
+# ----------------------------------------------------------------------------------------------------
+
+def _stopped_run(tmp_path, tiny, steps=4, stop=2, **over):
+    cfg = tiny(tmp_path / "run", **{"defence.name": "hybrid", "defence.k": 2, "train.steps": steps, **over})
+    cfg["train"]["max_steps_this_run"] = stop
+    assert train(cfg, resume=False).get("stopped_early")
+    cfg["train"]["max_steps_this_run"] = None
+    return cfg
+
+
+def test_a_bit_flipped_checkpoint_is_refused(tmp_path, tiny):
+    """16 bytes XORed inside the classifier weights of ckpt.pt resumed silently (the run finished with exit 0
+    and a much lower accuracy): torch.load does not check the zip CRCs. The checkpoint now carries a checksum
+    of its contents, verified on load; the error names the file and --fresh."""
+    from training.loop import CheckpointError, load_checkpoint, state_checksum
+
+    cfg = _stopped_run(tmp_path, tiny)
+    path = tmp_path / "run" / CKPT
+    ck = load_checkpoint(path)  # intact: verifies
+    w = ck["model"]["head.weight"].contiguous().view(torch.uint8).flatten().numpy().tobytes()
+    raw = bytearray(path.read_bytes())
+    at = raw.find(w[:64])
+    assert at > 0 and raw.find(w[:64], at + 1) < 0
+    for i in range(at + 100, at + 116):
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    flipped = torch.load(path, map_location="cpu", weights_only=False)  # torch itself reads it without complaint
+    assert not torch.equal(flipped["model"]["head.weight"], ck["model"]["head.weight"])
+    assert state_checksum(flipped) != flipped["checksum"]["sha256"]
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} fails its checksum.*--fresh"):
+        train(cfg, resume=True)
+    assert train(cfg, resume=False)["steps"] == 4  # --fresh
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_an_unreadable_checkpoint_names_the_file_and_fresh(tmp_path, tiny, capsys, damage):
+    """An empty, truncated or overwritten ckpt.pt was a raw torch traceback naming neither the file nor --fresh;
+    now CheckpointError, and from the command line one line with exit 2."""
+    import yaml
+
+    from training import train as cli
+    from training.loop import CheckpointError
+
+    cfg = _stopped_run(tmp_path, tiny)
+    path = tmp_path / "run" / CKPT
+    raw = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": raw[: len(raw) // 2], "garbage": b"\x00not a checkpoint" * 50}[damage])
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} .*--fresh"):
+        train(cfg, resume=True)
+    out = cfg.pop("out_dir")
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--config", str(p), "--out", out])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(path) in err and "--fresh" in err and "Traceback" not in err
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, tiny):
+    """A run killed while appending to metrics.jsonl leaves a torn last line; every resume then stopped with a
+    JSONDecodeError traceback. It is dropped with a warning, and the run resumes."""
+    cfg = _stopped_run(tmp_path, tiny, **{"train.log_every": 1})
+    log = tmp_path / "run" / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"kind": "train", "step": 2, "lo')
+    with pytest.warns(UserWarning, match="dropped its last line, not a complete JSON record"):
+        res = train(cfg, resume=True)
+    assert res["steps"] == 4
+    rows = [json.loads(x) for x in log.read_text().splitlines()]  # all whole now
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_orphan_temporary_checkpoints_are_removed_at_start(tmp_path, tiny):
+    """A run killed inside atomic_save (or failing on a full disk) left ckpt.pt.tmp.<pid> behind, one more per
+    retry. They are removed when a run starts, except one of a process still running (its writer)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = out / f"{CKPT}.tmp.{int(dead.stdout)}"
+    orphan.write_bytes(b"partial")
+    live = out / f"{CKPT}.tmp.{os.getppid()}"
+    live.write_bytes(b"being written")
+    train(tiny(out, **{"defence.name": "hybrid", "train.steps": 1}), resume=False)
+    assert not orphan.exists() and live.exists()
+    assert sorted(p.name for p in out.glob(f"{CKPT}*")) == sorted([CKPT, live.name])
+
+
+def test_a_full_disk_while_saving_says_so(tmp_path, tiny, monkeypatch, capsys):
+    """ENOSPC while writing ckpt.pt was "enforce fail at inline_container.cc:672"; now a CheckpointError saying
+    the disk is full and that the previous checkpoint is intact, no temporary file left behind, and one line
+    (exit 1) from the command line. The disk is /dev/full: every write fails with ENOSPC."""
+    import builtins
+
+    import yaml
+
+    from training import loop
+    from training import train as cli
+    from training.loop import CheckpointError
+
+    cfg = _stopped_run(tmp_path, tiny)
+    before = (tmp_path / "run" / CKPT).read_bytes()
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if ".tmp." in str(path):
+            return builtins.open("/dev/full", mode, *args, **kwargs)
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "open", full_disk, raising=False)
+    with pytest.raises(CheckpointError, match=r"no space left on the device.*still holds the previous checkpoint"):
+        train(cfg, resume=True)
+    assert (tmp_path / "run" / CKPT).read_bytes() == before
+    assert not list((tmp_path / "run").glob(f"{CKPT}.tmp.*"))
+    out = cfg.pop("out_dir")
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["--config", str(p), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert "no space left" in err and "Traceback" not in err
+
+
+def test_the_first_metrics_line_after_a_resume_covers_its_whole_window(tmp_path, tiny):
+    """The window of steps a metrics line averages was lost at a resume: the first line after it covered only
+    the steps since the resume (and the stopped run wrote an extra partial line). The window travels in the
+    checkpoint, so the log of a resumed run is the uninterrupted run's (throughput aside)."""
+    over = {"defence.name": "adaptive", "train.steps": 6, "train.log_every": 4, "policy.update_every": 2,
+            "data.synthetic_per_id": 5}
+    train(tiny(tmp_path / "full", **over), resume=False)
+    part = tiny(tmp_path / "part", **over)
+    part["train"]["max_steps_this_run"] = 3
+    train(part, resume=False)
+    part["train"]["max_steps_this_run"] = None
+    train(part, resume=True)
+
+    def lines(d):
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "imgs_per_s"} for r in rows if r["kind"] == "train"]
+
+    full, resumed = lines(tmp_path / "full"), lines(tmp_path / "part")
+    assert [r["step"] for r in full] == [4, 6] and [r["window_steps"] for r in full] == [4, 2]
+    assert resumed == full
