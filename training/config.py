@@ -35,7 +35,9 @@ DEFAULTS: dict = {
         "pairs": None,  # lfw: pair list evaluated at the end (default <data root>/lfw_pairsDevTest.txt)
         "bin_sets": [],  # .bin verification sets evaluated at the end (InsightFace format)
         "val_bin": None,  # recordio: a .bin set, not one of bin_sets, subsampled to val_pairs for the policy
-        "val_pairs": 300,  # genuine + impostor pairs drawn from the validation identities
+        # distinct genuine + impostor pairs drawn from the validation identities (fewer when they hold fewer:
+        # all of them, said in results.json; README "What a folder set needs")
+        "val_pairs": 300,
         "test_pairs": 1000,  # ... and from the test identities (imagefolder without a pair list)
         "num_workers": 0,
         "flip": True,  # random horizontal flip (drawn from the loop's data generator)
@@ -70,6 +72,8 @@ DEFAULTS: dict = {
     "head": {"type": "cosface", "s": 32.0, "m": 0.35},
     "train": {
         "steps": 300,
+        # the GLOBAL batch, split evenly over the ranks (arcface_torch's batch_size is per GPU: its 128 x 8 GPUs
+        # is 1024 here)
         "batch_size": 40,
         "optimizer": "sgd",  # sgd | adamw
         "lr": 0.1,
@@ -101,6 +105,8 @@ DEFAULTS: dict = {
         "penalty_lr": 20.0,  # dual step: lambda += penalty_lr * (target_acc - acc_val) at each validation
         "init": "uniform",
     },
+    # tta_flip: which accuracy is "accuracy" -- false: the face alone (arcface_torch's "Accuracy"); true: face +
+    # mirror image embeddings summed (its headline "Accuracy-Flip"). Both are reported at the end either way.
     "eval": {"batch_size": 100, "tta_flip": False, "folds": 10, "far": 1e-3},
 }
 
