@@ -49,7 +49,7 @@ def test_pipeline_and_cli_smoke(orl_root, tmp_path):
     for f in ("table.md", "table.json", "frontier.png", "grid.png"):
         assert (d / f).stat().st_size > 0, f
     html = (tmp_path / "res" / "report.html").read_text()
-    assert "frontier.png" in html and "grid.png" in html and "Score_pp" in html
+    assert "frontier.png" in html and "grid.png" in html and "S5" in html
     import json
 
     t = json.loads((d / "table.json").read_text())
@@ -58,7 +58,16 @@ def test_pipeline_and_cli_smoke(orl_root, tmp_path):
     assert rows["instahide"]["scenarios"]["S2"].get("same_as") is None  # signs: S2 is its own attack
     assert rows["none"]["scenarios"]["S2"]["same_as"] == "S1"
     for a in rows.values():
-        assert 0 <= a["score_pp"][0] <= 1 and 0 <= a["score_cls"][0] <= 1 and 0 <= a["tradeoff"][0] <= 1
+        assert 0 <= a["score_pp"] <= 1 and 0 <= a["score_cls"][0] <= 1 and 0 <= a["tradeoff"] <= 1
+        leak = a["identity_leak"]
+        assert leak["lo"] <= leak["mean"] <= leak["hi"]
+        assert set(a["scenarios"]) == {"S1", "S2", "S3", "S4", "S5"}
+    s5 = rows["hybrid_k2"]["scenarios"]["S5"]
+    assert s5["method"] == "linear_unmixing" and "recovered@0.9" in s5["blind"] and "recovered@0.9" in s5["informed"]
+    assert rows["instahide"]["scenarios"]["S5"]["method"] == "sign_clusters"
+    run = t["runs"][0]
+    assert {"judge", "judge2"} <= set(run["info"]["judges"])
+    assert len(run["rows"][0]["scenarios"]["S1"]["per_victim"]) == run["info"]["victims"]
     assert "verdict" in t["claim"]
 
 

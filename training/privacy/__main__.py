@@ -1,9 +1,12 @@
 """CLI: every scenario against every defence, then the report.
 
-    python -m training.privacy                                  # ORL and LFW, seeds 0-4, full budget -> training/privacy/results/ (~50 min, 2 cores)
+    python -m training.privacy                                  # ORL and LFW, seeds 0-4, full budget -> training/privacy/results/
     python -m training.privacy --sets orl --seeds 0 1           # a subset
+    python -m training.privacy --sets folder:/path/to/faces     # your own faces: one sub-folder per identity
     python -m training.privacy --reuse                          # the report from out/privacy/<set>_s<seed>/run.json (runs what is missing)
-    python -m training.privacy --budget smoke --sets orl --seeds 0 --out /tmp/p --work /tmp/pw   # about a minute: the whole pipeline
+    python -m training.privacy --budget smoke --sets orl --seeds 0 --out /tmp/p --work /tmp/pw   # minutes: the whole pipeline
+
+Each (set, seed) is one run.json under --work: an interrupted evaluation resumes with --reuse, per set and seed.
 """
 from __future__ import annotations
 
@@ -29,17 +32,31 @@ def _same_request(r: dict, defs, scenarios: tuple, budget: dict) -> bool:
             and tuple(r["info"].get("scenarios", SCENARIOS)) == scenarios and r["info"]["budget"] == budget)
 
 
+def _tag(name: str) -> str:
+    """A file-name-safe name of a set: orl, lfw, or folder_<folder name> for folder:PATH."""
+    if name.startswith("folder:"):
+        return "folder_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name[7:]).expanduser().resolve().name)
+    return name
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.privacy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sets", nargs="+", default=["orl", "lfw"], choices=["orl", "lfw"])
+    ap.add_argument("--sets", nargs="+", default=["orl", "lfw"], help="orl, lfw and/or folder:PATH (an image folder, "
+                    "one sub-folder per identity, any format Pillow reads)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--budget", default="full", choices=sorted(BUDGETS))
     ap.add_argument("--defences", default=None, help="comma-separated labels (default: all): " + ",".join(d for d, _ in DEFENCES))
-    ap.add_argument("--scenarios", default="S1,S2,S3,S4")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--out", default=None, help="report folder (default training/privacy/results)")
     ap.add_argument("--work", default=None, help="per-run folder (default out/privacy)")
-    ap.add_argument("--reuse", action="store_true", help="reuse <work>/<set>_s<seed>/run.json where it exists")
+    ap.add_argument("--reuse", action="store_true", help="reuse <work>/<set>_s<seed>/run.json where it exists, and "
+                    "the finished defences of an interrupted seed (<work>/<set>_s<seed>/rows/)")
     a = ap.parse_args(argv)
+    for s_ in a.sets:
+        if s_ not in ("orl", "lfw") and not (s_.startswith("folder:") and len(s_) > len("folder:")):
+            ap.error(f"--sets: unknown set {s_!r}; use orl, lfw or folder:PATH")
+        if s_.startswith("folder:") and not Path(s_[len("folder:"):]).expanduser().is_dir():
+            ap.error(f"--sets: {s_!r}: {s_[len('folder:'):]} is not a folder (expected PATH/<identity>/<image>)")
     labels = [d for d, _ in DEFENCES]
     wanted = labels if not a.defences else [x.strip() for x in a.defences.split(",") if x.strip()]
     unknown = [x for x in wanted if x not in labels]
@@ -64,8 +81,9 @@ def main(argv=None) -> int:
     t_all = 0.0
     for s in a.sets:
         runs = []
+        tag = _tag(s)
         for seed in a.seeds:
-            rdir = work / f"{s}_s{seed}"
+            rdir = work / f"{tag}_s{seed}"
             r = json.loads((rdir / "run.json").read_text()) if a.reuse and (rdir / "run.json").exists() else None
             if a.reuse and r is None:
                 print(f"[privacy] --reuse: no {rdir / 'run.json'}; running {s} seed {seed}")
@@ -76,27 +94,33 @@ def main(argv=None) -> int:
                 r["images"] = torch.load(rdir / "images.pt", weights_only=False)
                 print(f"[privacy] reusing {rdir / 'run.json'} ({r['info']['wall_s'] / 60:.1f} min when it ran)")
             else:
-                r = run(s, seed, a.budget, rdir, defs, scenarios)
+                try:
+                    r = run(s, seed, a.budget, rdir, defs, scenarios, work=work, resume=a.reuse)
+                except ValueError as e:  # a set too small to split, unreadable folder: one line, exit 2
+                    print(f"[privacy] {s}: {e}", file=sys.stderr)
+                    return 2
             runs.append(r)
         wall = sum(r["info"]["wall_s"] for r in runs)
         t_all += wall
         agg = report.aggregate(runs)
         cl = report.claim(runs)
-        ev = report._ms([r["info"]["evaluator_accuracy"] for r in runs])
         # the machine as the first run saw it (load average at its start); runs written before that field: now
         run_mach = runs[0]["info"].get("machine", mach)
-        info = {"split_name": s, "victims": len(runs[0]["info"]["split"]["victims"]), "seeds": a.seeds, "machine": run_mach,
-                "wall_s": wall, "evaluator_accuracy": ev, "budget": runs[0]["info"]["budget"], "split": runs[0]["info"]["split"]}
+        judges = {n: {**j, "rank1": report._ms([r["info"]["judges"][n]["rank1"] for r in runs])}
+                  for n, j in runs[0]["info"].get("judges", {}).items()}
+        info = {"split_name": tag, "victims": runs[0]["info"].get("victims", len(runs[0]["info"]["split"]["victims"])),
+                "seeds": a.seeds, "machine": run_mach, "wall_s": wall, "judges": judges, "budget": runs[0]["info"]["budget"],
+                "split": runs[0]["info"]["split"]}
         md = report.markdown(agg, info, cl)
-        d = out / s
+        d = out / tag
         d.mkdir(exist_ok=True)
         (d / "table.md").write_text(md)
         (d / "table.json").write_text(json.dumps({"info": info, "command": command, "aggregate": agg, "claim": cl,
                                                   "runs": [{k: v for k, v in r.items() if k != "images"} for r in runs]}, indent=1, default=str))
-        report.frontier_plot(agg, d / "frontier.png", f"{s.upper()}: FR accuracy vs identity leak (seeds {a.seeds}, mean ± std)")
+        report.frontier_plot(agg, d / "frontier.png", f"{tag.upper()}: FR accuracy vs worst-case identity leak (seeds {a.seeds})")
         report.image_grid(runs[0]["images"], d / "grid.png")
-        sections.append((s, md))
-        summary["sets"][s] = {"wall_s": wall, "claim": cl["verdict"]}
+        sections.append((tag, md))
+        summary["sets"][tag] = {"wall_s": wall, "claim": cl["verdict"], "judge_agreement": report.judge_agreement(agg)}
         print(md)
     info = {"command": command, "machine": mach, "wall_s": t_all}
     pages = [(s, md, {"frontier": f"{s}/frontier.png", "grid": f"{s}/grid.png", "json": f"{s}/table.json", "md": f"{s}/table.md"})

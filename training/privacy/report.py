@@ -8,11 +8,14 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from training.results import interpolate
 
-SCEN = ("S1", "S2", "S3", "S4")
+from . import stats as ST
+
+SCEN = ("S1", "S2", "S3", "S4", "S5")
 
 
 def _ms(vals):
@@ -22,58 +25,125 @@ def _ms(vals):
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def _per_victim(row: dict, sc: str, judge: str = "") -> np.ndarray | None:
+    r = row["scenarios"].get(sc)
+    if r is None:
+        return None
+    return np.nan_to_num(np.asarray(r.get(f"per_victim{judge}", []), dtype=np.float64), nan=0.0)
+
+
+def _worst(leaks: dict) -> float:
+    return max(leaks.values()) if leaks else float("nan")
+
+
+# Scalars reported per scenario (mean ± std over seeds) besides the bootstrapped leak.
+EXTRAS = {"S1": ("ssim", "psnr", "tar@far1%"), "S2": ("ssim", "tar@far1%"), "S3": ("target_top1", "top5", "wall_s"),
+          "S4": ("target_top1", "top5", "queries"), "S5": ()}
+S5_EXTRAS = ("recovered@0.9", "recovered@0.95", "rank1", "leak", "wall_s")
+
+
 def aggregate(runs: list[dict]) -> list[dict]:
-    """Mean and std over seeds of every number, per defence (rows in the order of the first run)."""
+    """Per defence (rows in the order of the first run): FR accuracy (mean ± std over seeds), and per scenario
+    the leak with its 95% bootstrap interval over seeds x victims (stats.bootstrap), the second judge's leak,
+    and the scenario's own numbers (mean ± std); the worst-case leak over scenarios with a paired interval."""
     out = []
+    v = runs[0]["info"].get("victims") or len(runs[0]["info"]["split"]["victims"])
     for i, row in enumerate(runs[0]["rows"]):
         same = [r["rows"][i] for r in runs]
         agg = {"defence": row["defence"], "sign_flip": row["sign_flip"], "seeds": [r["info"]["seed"] for r in runs]}
-        for key in ("accuracy", "score_pp", "score_cls", "tradeoff", "identity_leak", "k_mean"):
+        for key in ("accuracy", "score_cls", "k_mean"):
             agg[key] = _ms([s.get(key) for s in same])
         agg["scenarios"] = {}
+        per_sc = {}
         for sc in SCEN:
             if sc not in row["scenarios"]:
                 continue
-            d = {}
-            for key in row["scenarios"][sc]:
-                if key == "same_as":
-                    d["same_as"] = row["scenarios"][sc]["same_as"]
-                    continue
+            if row["scenarios"][sc].get("same_as"):
+                agg["scenarios"][sc] = {"same_as": row["scenarios"][sc]["same_as"]}
+                continue
+            per = [_per_victim(s, sc) for s in same]
+            per_sc[sc] = per
+            d = {"leak": ST.bootstrap(per, v), "leak_judge2": _ms([s["scenarios"][sc].get("leak_judge2") for s in same]),
+                 "rank1": _ms([s["scenarios"][sc].get("rank1") for s in same])}
+            for key in EXTRAS[sc]:
                 d[key] = _ms([s["scenarios"][sc].get(key) for s in same])
+            if sc == "S5":
+                for variant in ("blind", "informed", "test_time"):
+                    d[variant] = {key: _ms([(s["scenarios"][sc].get(variant) or {}).get(key) for s in same]) for key in S5_EXTRAS}
+                d["method"] = row["scenarios"][sc].get("method")
             agg["scenarios"][sc] = d
+        agg["identity_leak"] = (ST.paired_bootstrap(per_sc, lambda m: _worst({k: ST.leak_of(x, v) for k, x in m.items()}))
+                                if per_sc else {"mean": float("nan")})
+        agg["identity_leak_judge2"] = _ms([s.get("identity_leak_judge2") for s in same])
+        agg["worst_scenario"] = max(((sc, d["leak"]["mean"]) for sc, d in agg["scenarios"].items() if "leak" in d),
+                                    key=lambda t: t[1], default=(None, None))[0]
+        pp = 1 - agg["identity_leak"]["mean"]
+        agg["score_pp"] = pp
+        cls = agg["score_cls"][0]
+        agg["tradeoff"] = 0.0 if pp + cls <= 0 else 2 * pp * cls / (pp + cls)
         out.append(agg)
     return out
 
 
+def judge_agreement(agg: list[dict]) -> dict:
+    """Largest difference between the two judges' leaks over every defence and scenario (target <= 0.05)."""
+    diffs = []
+    for a in agg:
+        for sc, d in a["scenarios"].items():
+            if "leak" in d and not math.isnan(d["leak_judge2"][0]):
+                diffs.append((abs(d["leak"]["mean"] - d["leak_judge2"][0]), a["defence"], sc))
+    if not diffs:
+        return {"max_diff": float("nan")}
+    m = max(diffs)
+    return {"max_diff": m[0], "where": f"{m[1]} {m[2]}", "mean_diff": statistics.fmean(d[0] for d in diffs),
+            "within_0.05": sum(d[0] <= 0.05 for d in diffs), "cells": len(diffs)}
+
+
 def claim(runs: list[dict]) -> dict:
-    """Per seed: adaptive's identity leak vs the fixed-k curve's leak at adaptive's accuracy, and the fixed k
-    that are at least as accurate and leak no more (which would refute "more privacy than every fixed k")."""
-    per = []
-    for r in runs:
-        rows = {x["defence"]: x for x in r["rows"]}
-        if "adaptive" not in rows:
-            continue
-        ad = rows["adaptive"]
-        fixed = {k: rows[f"hybrid_k{k}"] for k in range(2, 7) if f"hybrid_k{k}" in rows}
-        # the fixed-k curve's leak at adaptive's accuracy (None where no fixed k reaches it: no equal-accuracy point)
-        curve = interpolate([(f["accuracy"], f["identity_leak"]) for f in fixed.values()], ad["accuracy"])
-        dominating = [k for k, f in fixed.items() if f["accuracy"] >= ad["accuracy"] and f["identity_leak"] <= ad["identity_leak"]]
-        per.append({"seed": r["info"]["seed"], "adaptive_accuracy": ad["accuracy"], "adaptive_leak": ad["identity_leak"],
-                    "adaptive_k_mean": ad.get("k_mean"), "fixed_leak_at_equal_accuracy": curve,
-                    "margin": None if curve is None else curve - ad["identity_leak"],
-                    "fixed_k_at_least_as_good": dominating})
-    margins = [p["margin"] for p in per if p["margin"] is not None]
-    holds = [p for p in per if not p["fixed_k_at_least_as_good"] and p["margin"] is not None and p["margin"] > 0]
-    if not per:
-        verdict = "not measured (no adaptive run)"
-    elif len(holds) == len(per):
-        verdict = "supported in every seed (adaptive leaks less than the fixed-k curve at its accuracy, and no fixed k is both as accurate and as private)"
-    elif not holds:
-        verdict = "not supported: in no seed does adaptive beat the fixed-k curve at equal accuracy"
+    """"Adaptive gives more privacy than every fixed k at equal accuracy": the margin = the fixed-k curve's
+    worst-case leak interpolated at adaptive's accuracy minus adaptive's worst-case leak (> 0 favours
+    adaptive), with a paired bootstrap interval over seeds x victims (the same victims resampled for every
+    defence; accuracies move with the resampled seeds). Supported only when the interval excludes 0."""
+    rows0 = {x["defence"]: j for j, x in enumerate(runs[0]["rows"])}
+    fixed = [f"hybrid_k{k}" for k in range(2, 7) if f"hybrid_k{k}" in rows0]
+    if "adaptive" not in rows0 or len(fixed) < 2:
+        return {"verdict": "not measured (needs adaptive and at least two fixed k)", "per_seed": []}
+    v = runs[0]["info"].get("victims") or len(runs[0]["info"]["split"]["victims"])
+    per, names = {}, ["adaptive"] + fixed
+    for n in names:
+        scs = [sc for sc in SCEN if sc in runs[0]["rows"][rows0[n]]["scenarios"]
+               and not runs[0]["rows"][rows0[n]]["scenarios"][sc].get("same_as")]
+        for sc in scs:
+            per[f"{n}|{sc}"] = [_per_victim(r["rows"][rows0[n]], sc) for r in runs]
+        # accuracy as a per-victim constant: victims resample nothing, seeds resample it
+        per[f"{n}|acc"] = [np.full(v, r["rows"][rows0[n]]["accuracy"]) for r in runs]
+
+    def leak(m, n):
+        return _worst({k.split("|")[1]: ST.leak_of(x, v) for k, x in m.items() if k.startswith(n + "|") and not k.endswith("|acc")})
+
+    def margin(m):
+        curve = interpolate([(m[f"{f}|acc"], leak(m, f)) for f in fixed], m["adaptive|acc"])
+        return None if curve is None else curve - leak(m, "adaptive")
+
+    r = ST.paired_bootstrap(per, margin)
+    per_seed = []
+    for run in runs:
+        rows = {x["defence"]: x for x in run["rows"]}
+        one = {key: [arr[runs.index(run)]] for key, arr in per.items()}
+        m = {key: float(a[0].mean()) for key, a in one.items()}
+        per_seed.append({"seed": run["info"]["seed"], "adaptive_accuracy": rows["adaptive"]["accuracy"],
+                         "adaptive_leak": leak(m, "adaptive"), "adaptive_k_mean": rows["adaptive"].get("k_mean"),
+                         "margin": margin(m)})
+    if math.isnan(r["lo"]):
+        verdict = "not testable: adaptive's accuracy lies outside the fixed-k accuracy range (no equal-accuracy point)"
+    elif r["lo"] > 0:
+        verdict = f"supported: margin {r['mean']:+.3f}, 95% interval [{r['lo']:+.3f}, {r['hi']:+.3f}] excludes 0"
+    elif r["hi"] < 0:
+        verdict = f"refuted: adaptive leaks more than the fixed-k curve, margin {r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
     else:
-        verdict = f"mixed: supported in {len(holds)} of {len(per)} seeds"
-    m, s = _ms(margins)
-    return {"per_seed": per, "margin_mean": m, "margin_std": s, "verdict": verdict}
+        verdict = (f"not supported: margin {r['mean']:+.3f}, 95% interval [{r['lo']:+.3f}, {r['hi']:+.3f}] contains 0 "
+                   f"(half-width {r['half_width']:.3f}; about {ST.seeds_needed(r['half_width'], len(runs))} seeds for 0.02 at this spread)")
+    return {"margin": r, "per_seed": per_seed, "verdict": verdict}
 
 
 def _f(ms, pct=False, nd=3):
@@ -85,40 +155,64 @@ def _f(ms, pct=False, nd=3):
     return f"{m:.{nd}f} ± {s:.{nd}f}"
 
 
+def _ci(d, nd=2):
+    if not d or math.isnan(d.get("mean", float("nan"))):
+        return "-"
+    return f"{d['mean']:.{nd}f} [{d['lo']:.{nd}f}, {d['hi']:.{nd}f}]"
+
+
 def markdown(agg: list[dict], info: dict, cl: dict) -> str:
+    j = info.get("judges", {})
+    jt = "; ".join(f"{n}: {x.get('kind')} on {x.get('pool')} ({x.get('pool_people')} people), clean rank-1 {_f(x['rank1'], True)} %"
+                   for n, x in j.items()) if j else "-"
+    ag = judge_agreement(agg)
     lines = [
-        f"### {info['split_name'].upper()}: {info['victims']} victim identities, seeds {info['seeds']} (mean ± std over seeds)",
+        f"### {info['split_name'].upper()}: {info['victims']} victim identities, seeds {info['seeds']}",
         "",
         f"Machine: {info['machine']['cpu']}, {info['machine']['cores']} cores (shared with other jobs; load average at start "
         f"{', '.join(f'{x:.1f}' for x in info['machine']['load_avg_start'])}), torch {info['machine']['torch']}, 1 thread. "
-        f"Wall time: {info['wall_s'] / 60:.1f} min for {len(info['seeds'])} seed(s). Evaluation model (clean) held-out accuracy: "
-        f"{_f(info['evaluator_accuracy'], True)} %.",
+        f"Wall time: {info['wall_s'] / 60:.1f} min for {len(info['seeds'])} seed(s).",
         "",
-        "| defence | FR acc % | S1 SSIM | S1 PSNR | S1 re-id top-1 % | S1 verif % | S2 SSIM | S2 verif % | S3 top-1 % | S3 top-5 % | S3 kNN | S4 top-1 % | S4 top-5 % | S4 kNN | leak | Score_pp | Score_cls | trade-off |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Judges (never the victims' classifier; victims enrolled from held-out images, attacked images are probes only): {jt}. "
+        f"Largest difference between the two judges' leaks: {ag.get('max_diff', float('nan')):.3f} ({ag.get('where', '-')}); "
+        f"{ag.get('within_0.05', 0)} of {ag.get('cells', 0)} cells within 0.05.",
+        "",
+        "Leak = chance-normalised share of victims' attacked images the judge identifies at rank 1 (0 = chance, 1 = all), "
+        "with its 95% bootstrap interval over seeds x victims. S5 = the training server's stream attack (the stronger of "
+        "blind and informed per victim); rec@0.9 = share of victim training faces recovered at cosine >= 0.9.",
+        "",
+        "| defence | FR acc % | S1 leak | S2 leak | S3 leak | S3 target's own top-1 % | S4 leak | S5 leak | S5 blind rec@0.9 % | "
+        "S5 informed rec@0.9 % | S5 method | deployed-input leak | worst leak (scenario) | worst, judge 2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in agg:
         sc = a["scenarios"]
-        s1, s2, s3, s4 = (sc.get(k, {}) for k in SCEN)
         name = a["defence"] + (" (signs)" if a["sign_flip"] else "")
         if a["defence"] == "adaptive" and not math.isnan(a["k_mean"][0]):
             name += f" (mean k {a['k_mean'][0]:.2f})"
-        s2s = "= S1" if "same_as" in s2 else _f(s2.get("ssim", (float("nan"),) * 2))
-        s2v = "= S1" if "same_as" in s2 else _f(s2.get("verification", (float("nan"),) * 2), True)
-        g = lambda d, k, pct=False, nd=3: _f(d.get(k, (float("nan"), float("nan"))), pct, nd)  # noqa: E731
+        cell = lambda k: "= S1" if sc.get(k, {}).get("same_as") else _ci(sc.get(k, {}).get("leak"))  # noqa: E731
+        s5 = sc.get("S5", {})
+        tt = s5.get("test_time", {}).get("leak", (float("nan"), 0))
         lines.append(
-            f"| {name} | {_f(a['accuracy'], True)} | {g(s1, 'ssim')} | {g(s1, 'psnr', nd=2)} | {g(s1, 'top1', True)} | {g(s1, 'verification', True)} "
-            f"| {s2s} | {s2v} | {g(s3, 'top1', True)} | {g(s3, 'top5', True)} | {g(s3, 'knn_dist')} | {g(s4, 'top1', True)} | {g(s4, 'top5', True)} "
-            f"| {g(s4, 'knn_dist')} | {_f(a['identity_leak'])} | {_f(a['score_pp'])} | {_f(a['score_cls'])} | {_f(a['tradeoff'])} |")
+            f"| {name} | {_f(a['accuracy'], True)} | {cell('S1')} | {cell('S2')} | {cell('S3')} "
+            f"| {_f(sc.get('S3', {}).get('target_top1', (float('nan'), 0)), True)} | {cell('S4')} | {cell('S5')} "
+            f"| {_f(s5.get('blind', {}).get('recovered@0.9', (float('nan'), 0)), True)} "
+            f"| {_f(s5.get('informed', {}).get('recovered@0.9', (float('nan'), 0)), True)} | {s5.get('method', '-')} "
+            f"| {_f(tt, nd=2)} | {_ci(a['identity_leak'])} ({a['worst_scenario']}) | {_f(a['identity_leak_judge2'], nd=2)} |")
     lines += ["", f"**Claim under test** (adaptive gives more privacy than every fixed k at equal accuracy): {cl['verdict']}.", ""]
-    for p in cl["per_seed"]:
-        cur = "outside the fixed-k accuracy range" if p["fixed_leak_at_equal_accuracy"] is None else f"{p['fixed_leak_at_equal_accuracy']:.3f}"
-        lines.append(f"- seed {p['seed']}: adaptive accuracy {100 * p['adaptive_accuracy']:.1f} %, leak {p['adaptive_leak']:.3f} "
-                     f"(mean k {p['adaptive_k_mean'] if p['adaptive_k_mean'] is None else round(p['adaptive_k_mean'], 2)}); fixed-k curve leak at that accuracy: {cur}; "
-                     f"fixed k at least as accurate and no leakier: {p['fixed_k_at_least_as_good'] or 'none'}")
-    if not math.isnan(cl["margin_mean"]):
-        lines.append(f"- margin (fixed-k leak at equal accuracy - adaptive leak; > 0 favours adaptive): {cl['margin_mean']:.3f} ± {cl['margin_std']:.3f}")
+    for p in cl.get("per_seed", []):
+        mg = "outside the fixed-k accuracy range" if p["margin"] is None else f"{p['margin']:+.3f}"
+        lines.append(f"- seed {p['seed']}: adaptive accuracy {100 * p['adaptive_accuracy']:.1f} %, worst-case leak "
+                     f"{p['adaptive_leak']:.3f} (mean k {p['adaptive_k_mean'] if p['adaptive_k_mean'] is None else round(p['adaptive_k_mean'], 2)}); "
+                     f"margin {mg}")
     return "\n".join(lines) + "\n"
+
+
+def _xerr(rows):
+    """Asymmetric x error bars (2, n) from the leaks' bootstrap intervals (0 where undefined)."""
+    lo = [max(0.0, a["identity_leak"]["mean"] - a["identity_leak"].get("lo", a["identity_leak"]["mean"])) for a in rows]
+    hi = [max(0.0, a["identity_leak"].get("hi", a["identity_leak"]["mean"]) - a["identity_leak"]["mean"]) for a in rows]
+    return [[0.0 if math.isnan(x) else x for x in lo], [0.0 if math.isnan(x) else x for x in hi]]
 
 
 def frontier_plot(agg: list[dict], path: Path, title: str) -> None:
@@ -130,18 +224,18 @@ def frontier_plot(agg: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     fixed = [a for a in agg if a["defence"].startswith("hybrid_k")]
     if fixed:
-        xs = [a["identity_leak"][0] for a in fixed]
+        xs = [a["identity_leak"]["mean"] for a in fixed]
         ys = [100 * a["accuracy"][0] for a in fixed]
-        ax.errorbar(xs, ys, xerr=[a["identity_leak"][1] for a in fixed], yerr=[100 * a["accuracy"][1] for a in fixed],
+        ax.errorbar(xs, ys, xerr=_xerr(fixed), yerr=[100 * a["accuracy"][1] for a in fixed],
                     fmt="-o", color="C0", capsize=3, label="fixed-k hybrid (k = 2..6)")
         for a, x, y in zip(fixed, xs, ys):
             ax.annotate(a["defence"][-2:], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, color="C0")
     for i, a in enumerate(x for x in agg if not x["defence"].startswith("hybrid_k")):
         ad = a["defence"] == "adaptive"
-        ax.errorbar(a["identity_leak"][0], 100 * a["accuracy"][0], xerr=a["identity_leak"][1], yerr=100 * a["accuracy"][1],
+        ax.errorbar(a["identity_leak"]["mean"], 100 * a["accuracy"][0], xerr=_xerr([a]), yerr=100 * a["accuracy"][1],
                     fmt="*" if ad else "s", ms=14 if ad else 7, color="C3" if ad else f"C{(i % 7) + 1 if (i % 7) + 1 != 3 else 9}",
                     capsize=3, label=a["defence"])
-    ax.set_xlabel("identity leak = 1 - Score_pp (worst case over S1-S4; 0 = chance)")
+    ax.set_xlabel("identity leak, worst case over S1-S5 (0 = chance), 95% bootstrap interval")
     ax.set_ylabel("FR accuracy on held-out faces (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -160,7 +254,7 @@ def image_grid(images: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     defs = list(images["defences"])
-    cols = ["target", "protected", "S1 recon", "S2 recon"] * 2 + ["real (id 0)", "S3 inversion", "S4 inversion"]
+    cols = ["target", "protected", "S1 recon", "S2 recon", "victim face", "S5 recovered"] * 2 + ["real (id 0)", "S3 inversion", "S4 inversion"]
     fig, axes = plt.subplots(len(defs), len(cols), figsize=(len(cols) * 0.95, len(defs) * 1.05), squeeze=False)
     blank = torch.zeros_like(images["original"][0])
     for r, d in enumerate(defs):
@@ -168,7 +262,8 @@ def image_grid(images: dict, path: Path) -> None:
         cells = []
         for j in range(2):
             cells += [im.get("S1_target", images["original"])[j], im.get("protected", images["original"])[j],
-                      im["S1"][j] if "S1" in im else blank, im["S2"][j] if "S2" in im else None]
+                      im["S1"][j] if "S1" in im else blank, im["S2"][j] if "S2" in im else None,
+                      images["original"][j], im["S5"][j] if "S5" in im else blank]
         cells += [images["mi_real"][0], im["S3"][0] if "S3" in im else blank, im["S4"][0] if "S4" in im else blank]
         for c, x in enumerate(cells):
             ax = axes[r, c]
@@ -223,9 +318,10 @@ def html_page(sections: list[tuple[str, str, dict]], info: dict, threat_model: s
         body.append(f"""<h2>{html.escape(name.upper())}</h2>{md_table(md)}
 <h3>Frontier: FR accuracy vs identity leak</h3><img src="{files['frontier']}">
 <h3>Originals, protected representations and attacks</h3>
-<p>Per defence: two victim training faces (the attack target: for mixing defences the dominant partner of the mix), the protected
-representation shown through the attacker's pseudo-inverse (fastmix.frontend_inverse, contrast-stretched), the S1 and S2 U-Net reconstructions;
-then a real face of victim identity 0 and the S3 (white-box) and S4 (black-box) model inversions for that identity.</p>
+<p>Per defence, twice: the S1 target (for mixing defences the dominant partner of the mix), the protected
+representation shown through the attacker's pseudo-inverse (fastmix.frontend_inverse, contrast-stretched), the S1 and S2 U-Net reconstructions,
+a victim training face and what the S5 stream attack recovered for it; then a real face of victim identity 0 and the S3 (white-box) and S4
+(black-box) model inversions for that identity.</p>
 <img src="{files['grid']}">
 <p>Raw numbers: <a href="{files['json']}">{files['json']}</a>, table: <a href="{files['md']}">{files['md']}</a>.</p>""")
     sets = ", ".join(n.upper() for n, _, _ in sections)

@@ -1,10 +1,17 @@
-"""One run: every scenario (S1-S4) against every defence of the training layer, on one split and seed.
+"""One run: every scenario (S1-S5) against every defence of the training layer, on one split and seed.
 
     target FR model per defence   training.loop.train (the training layer's loop, config orl_cpu / lfw_cpu
-                                  scaled down: 56x56 faces, the ``tiny`` backbone, few steps)
-    evaluation model              evaluator.train_evaluator on clean victim faces
+                                  scaled down: 56x56 faces, the ``tiny`` backbone, few steps), its protected
+                                  stream recorded (``tap``) for S5
+    judge                         judge.load_judge: pretrained on people who are neither victims nor attackers,
+                                  victims enrolled by templates of their training images (a second judge of
+                                  another build checks the first)
     S1 / S2                       attacks.train_decoder on the attacker's faces, attacks.reconstruct on victims
-    S3 / S4                       attacks.invert_white_box / invert_black_box, one image per victim identity
+    S3 / S4                       inversion.invert_white_box / invert_black_box over the attacker's face prior
+    S5                            stream.attack_stream, blind and informed, on the recorded training stream;
+                                  S5-test: the deployed model's input (test-time encoding) decoded
+Every scenario gives one per-victim success measure (stats.py): the share of the victim's attacked images
+the judge identifies at rank 1.
 """
 from __future__ import annotations
 
@@ -22,9 +29,12 @@ from training.loss import MarginHead
 from training.model import build_model
 
 from . import attacks as A
+from . import inversion as INV
 from . import metrics as M
-from .data import SPLITS
-from .evaluator import accuracy, train_evaluator
+from . import stats as ST
+from . import stream as S5
+from .data import get_split
+from .judge import load_judge, per_identity
 
 # (label, defence overrides): every defence of the training issue; hybrid / adaptive as the training configs
 # set them (keep no_dc, sign flip off), plus k = 6 with sign flips; InstaHide always flips signs (S2 differs from S1).
@@ -39,15 +49,14 @@ DEFENCES = [
     ("adaptive", {"name": "adaptive"}),
 ]
 
-# Budgets: "full" is the committed ORL run (well under 20 min on a shared 2-core CPU), "smoke" the tests.
+# Budgets: "full" is the committed run, "smoke" the tests and the pipeline check (minutes). The inversion and
+# judge budgets carry the same names (inversion.BUDGETS, judge.CNN_BUDGETS / LDA_BUDGETS).
 BUDGETS = {
-    "full": {"fr_steps": 120, "eval_steps": 250, "dec_steps": 150, "dec_batch": 16, "dec_width": 8, "mi_steps": 150,
-             "bb_iters": 50, "bb_pop": 20},
-    "smoke": {"fr_steps": 4, "eval_steps": 4, "dec_steps": 3, "dec_batch": 8, "dec_width": 4, "mi_steps": 3,
-              "bb_iters": 2, "bb_pop": 4},
+    "full": {"fr_steps": 120, "dec_steps": 150, "dec_batch": 16, "dec_width": 8, "s5_rounds": 20, "name": "full"},
+    "smoke": {"fr_steps": 4, "dec_steps": 3, "dec_batch": 8, "dec_width": 4, "s5_rounds": 2, "name": "smoke"},
 }
 CONFIGS = {"orl": "training/configs/orl_cpu.yaml", "lfw": "training/configs/lfw_cpu.yaml"}
-SCENARIOS = ("S1", "S2", "S3", "S4")  # THREAT_MODEL.md
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5")  # THREAT_MODEL.md
 SHOW = 4  # faces per defence in the image grid
 
 
@@ -64,7 +73,7 @@ def target_config(split_name: str, label: str, dover: dict, seed: int, budget: d
         "train": {"steps": budget["fr_steps"], "progress": False, "eval_every": max(1, budget["fr_steps"] // 6),
                   "log_every": max(1, budget["fr_steps"] // 6), "threads": 1, "batch_size": 40},
     }
-    return load_config(project_root() / CONFIGS[split_name], overrides=over)
+    return load_config(project_root() / CONFIGS.get(split_name, CONFIGS["orl"]), overrides=over)  # folder sets: grey, as ORL
 
 
 def load_target(cfg: dict, num_classes: int):
@@ -80,34 +89,143 @@ def load_target(cfg: dict, num_classes: int):
     return step.eval()
 
 
+def _judged(judge, images: torch.Tensor, labels: torch.Tensor, v: int) -> list[float]:
+    """Per-victim success (V,): the share of the victim's attacked images the judge puts at rank 1."""
+    return [float(x) for x in per_identity(judge.hits(images, labels, 1), labels, v).tolist()]
+
+
+def _scored(judges: dict, images, labels, v: int, gallery=None) -> dict:
+    """Per-victim rank-1 success under every judge ("judge" is the reported one) and, with a gallery (the
+    victims' held-out images, never an attacked image's source), the reported judge's TAR at FAR 1%."""
+    r = {}
+    for name, j in judges.items():
+        per = _judged(j, images, labels, v)
+        key = "" if name == "judge" else f"_{name}"
+        r[f"per_victim{key}"] = per
+        r[f"rank1{key}"] = float(torch.tensor(per).nanmean())
+        r[f"leak{key}"] = ST.leak_of(r[f"rank1{key}"], v)
+    if gallery is not None:
+        ver = judges["judge"].verify(images, labels, gallery[0], gallery[1], far=0.01)
+        r.update({"tar@far1%": ver["tar"], "auc": ver["auc"]})
+    return r
+
+
+def _stream_attack(defence, stream, n_rows, faces, labels, decoders, attacker_u8, b, seed, judges, v, gallery, log):
+    """S5 blind and informed on one recorded stream: recovery (share of victim training faces at cosine
+    >= 0.9 / 0.95 in the unmixed space) and the judge's verdict on the recovered faces."""
+    method = S5.method_of(defence)
+    key = (method, defence.name if method == "sign_clusters" else ("dctdp" if defence.name == "dctdp" else "-"), tuple(defence.ids or ()))
+    if key not in decoders:
+        t = time.time()
+        kw = dict(steps=b["dec_steps"], batch=b["dec_batch"], width=b["dec_width"], seed=seed)
+        decoders[key] = (S5.train_abs_decoder(defence, attacker_u8, **kw) if method == "sign_clusters"
+                         else S5.train_unmixed_decoder(defence, attacker_u8, **kw))
+        log(f"    S5 decoder for {key[0]} / {key[1]} trained in {time.time() - t:.0f} s")
+    dec = decoders[key]
+    out = {"method": method}
+    shared: dict = {}
+    for variant in ("blind", "informed"):
+        t = time.time()
+        res = S5.attack_stream(defence, stream, n_rows, variant, abs_decoder=dec if method == "sign_clusters" else None,
+                               seed=seed, rounds=b["s5_rounds"], cache=shared)
+        m = S5.match_victims(defence, res, faces, None if method == "sign_clusters" else dec)
+        r = {**S5.recovery(m["cos"]), "per_face_cos": [round(float(c), 4) for c in m["cos"]],
+             **_scored(judges, m["images"], labels, v, gallery), "wall_s": time.time() - t}
+        out[variant] = r
+        out.setdefault("images", m["images"][:SHOW])
+        log(f"    S5 {variant:8s} {method}: recovered {100 * r['recovered@0.9']:.1f} % at cos >= 0.9, "
+            f"{100 * r['recovered@0.95']:.1f} % at 0.95; judge rank-1 {100 * r['rank1']:.1f} % ({r['wall_s']:.0f} s)")
+    return out
+
+
+def _test_time(defence, decoders, dec_s1, test_u8, labels, seed, judges, v, gallery):
+    """S5-test: what the deployed model receives (the defence's test-time encoding of a query, fresh keys /
+    noise / subsets) decoded by the attacker: the S1 decoder for unmixed defences, the unmixed-space decoder
+    of S5 for mixing ones (a query is masked, not mixed)."""
+    g = torch.Generator().manual_seed(30_000 + seed)
+    x = to_float(test_u8)
+    with torch.no_grad():
+        z = defence.encode_eval(x, g)
+        if defence.name == "none":
+            rec = z
+        elif getattr(defence, "mixes", False):
+            dec = decoders.get((S5.method_of(defence), defence.name if S5.method_of(defence) == "sign_clusters" else "-",
+                                tuple(defence.ids or ())))
+            if dec is None:
+                return None
+            rec = S5.decode_sources(defence, dec, z.abs().flatten(1)) if S5.method_of(defence) == "sign_clusters" \
+                else S5.decode_sources(defence, dec, z.flatten(1))
+        else:
+            rec = dec_s1(A.Protected(z, torch.arange(len(x)), None)) if dec_s1 is not None else None
+    if rec is None:
+        return None
+    return _scored(judges, rec, labels, v, gallery)
+
+
 def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out: Path | None = None, defences=None,
-        scenarios=SCENARIOS, log=print) -> dict:
-    """Returns {"info", "rows": [per defence], "images": {...}} and writes <out>/run.json + images.pt."""
+        scenarios=SCENARIOS, log=print, work: Path | None = None, resume: bool = False) -> dict:
+    """Returns {"info", "rows": [per defence], "images": {...}} and writes <out>/run.json + images.pt.
+
+    ``work``: where the judges and face priors are cached (trained once per set; default out/privacy).
+    Every finished defence is saved at once as <out>/rows/<label>.json (+ .pt images); ``resume`` takes those
+    back when they answer the same request (config, budget, scenarios), so an interrupted seed loses at most
+    the defence under way."""
     b = BUDGETS[budget] if isinstance(budget, str) else budget
+    bname = b.get("name", "full")
     torch.set_num_threads(1)  # 2 cores shared with other jobs: one thread is ~5-10x faster than two (measured)
     t0 = time.time()
     from training.results import machine
 
     mach = {**machine(), "torch_threads": 1}
-    out = Path(out or project_root() / "out" / "privacy" / f"{split_name}_s{seed}")
+    out = Path(out or project_root() / "out" / "privacy" / f"{split_name.replace(':', '_').replace('/', '_')}_s{seed}")
+    work = Path(work or project_root() / "out" / "privacy")
     out.mkdir(parents=True, exist_ok=True)
-    split = SPLITS[split_name](seed)
+    split = get_split(split_name, seed)
     v = split.num_victims
     log(f"[privacy] {split_name} seed {seed}: {split.info['victim_train']} victim train faces of {v} people, "
         f"{split.info['attacker_images']} attacker faces (other people)")
-    ev = train_evaluator(split.victim_train.images, split.victim_train.labels, b["eval_steps"], seed=seed)
-    ev_acc = accuracy(ev, split.victim_test.images, split.victim_test.labels)
-    log(f"[privacy] evaluation model (clean, independent): held-out accuracy {ev_acc:.3f}")
     vic = split.victim_train
-    basis = A.FaceBasis(split.attacker.images)
+    # The judge enrolls every victim from images that no attack reconstructs and the FR model never trained on
+    # (validation + test images); the attacked images (training faces, and the identities S3 / S4 invert) are
+    # probes only, so a reconstruction is never compared with its own source image. Verification's genuine
+    # pairs are a reconstruction and these other images of the same person.
+    held = (torch.cat([split.victim_val.images, split.victim_test.images]),
+            torch.cat([split.victim_val.labels, split.victim_test.labels]))
+    gallery = (to_float(held[0]), held[1])
+    judges, judge_info = {}, {}
+    for name, kind in (("judge", "cnn"), ("judge2", "lda")):
+        j = load_judge(split, kind, bname, 0, work, log=log)
+        j.enroll(*held)
+        h1, h5 = j.hits(vic.images, vic.labels, 1), j.hits(vic.images, vic.labels, 5)
+        judge_info[name] = {**{k: j.info.get(k) for k in ("kind", "pool", "pool_people", "pool_images", "train_s", "cached")},
+                            "rank1": float(h1.mean()), "rank5": float(h5.mean()),
+                            "per_victim": _judged(j, vic.images, vic.labels, v)}
+        judges[name] = j
+        log(f"[privacy] {name} ({kind}, pool {j.info.get('pool')}): clean rank-1 of the victims' training faces against "
+            f"templates of their held-out faces {100 * judge_info[name]['rank1']:.1f} % (rank-5 {100 * judge_info[name]['rank5']:.1f} %)")
+    ib = INV.budget_of(bname)
+    # PCA (80 eigenfaces of the attacker's faces): stronger than the VAE prior here (ORL seed 0, S3 top-1 0.60 vs 0.40)
+    prior = INV.face_prior("pca", split.attacker.images, work=work, seed=seed, log=log)
     targets = torch.arange(v)
     rows, images = [], {"original": to_float(vic.images[:SHOW]), "mi_real": [], "defences": {}}
     first_of = torch.stack([(vic.labels == t).nonzero()[0, 0] for t in range(min(SHOW, v))])
     images["mi_real"] = to_float(vic.images[first_of])
+    faces = to_float(vic.images)
+    decoders: dict = {}
+    (out / "rows").mkdir(exist_ok=True)
     for label, dover in (defences or DEFENCES):
         t1 = time.time()
+        saved = out / "rows" / f"{label}.json"
+        if resume and saved.is_file():
+            prev = json.loads(saved.read_text())
+            if prev.get("request") == {"config": dover, "budget": b, "scenarios": list(scenarios)}:
+                rows.append(prev["row"])
+                images["defences"][label] = torch.load(saved.with_suffix(".pt"), weights_only=False)
+                log(f"[privacy] {label}: reusing {saved}")
+                continue
         cfg = target_config(split_name, label, dover, seed, b, out)
-        res = train(cfg, resume=False, data=split.bundle())
+        rec_stream = S5.StreamRecorder() if "S5" in scenarios else None
+        res = train(cfg, resume=False, data=split.bundle(), tap=rec_stream)
         model = load_target(cfg, v)
         defence = model.defence
         k_dist = None
@@ -118,6 +236,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
         row = {"defence": label, "config": dover, "accuracy": acc, "sign_flip": signs_of(defence),
                "k_mean": res.get("k_mean_last20"), "k_dist": k_dist, "scenarios": {}}
         img = {}
+        dec_s1 = None
         for sc in scenarios:
             if sc in ("S1", "S2"):
                 if sc == "S2" and not signs_of(defence) and "S1" in row["scenarios"]:
@@ -125,39 +244,65 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
                     continue
                 dec = A.train_decoder(defence, split.attacker.images, sign_known=sc == "S2", steps=b["dec_steps"],
                                       batch=b["dec_batch"], width=b["dec_width"], seed=seed, k_dist=k_dist)
+                if sc == "S1":
+                    dec_s1 = dec
                 shown, rec, tg = A.reconstruct(dec, vic.images, seed=seed, k_dist=k_dist)
                 orig = to_float(vic.images[tg])
                 lab = vic.labels[tg]
                 r = {"ssim": float(M.ssim(rec, orig).mean()), "psnr": float(M.psnr(rec, orig).mean()),
-                     **M.identity_leak(ev, rec, orig, lab, seed)}
+                     **_scored(judges, rec, lab, v, gallery)}
                 img["protected"] = shown[:SHOW]
                 img[f"{sc}_target"] = orig[:SHOW]
                 img[sc] = rec[:SHOW]
-            else:
+            elif sc in ("S3", "S4"):
                 dm = A.DefendedModel(defence, model.backbone, model.head, seed)
+                for p in dm.parameters():
+                    p.requires_grad_(False)
                 if sc == "S3":
-                    inv = A.invert_white_box(dm, targets, vic.images.shape[1:], steps=b["mi_steps"], seed=seed)
+                    inv = INV.invert_white_box(dm, targets, prior, steps=ib["wb_steps"], candidates=ib["wb_candidates"],
+                                               lr=ib["wb_lr"], init_pool=ib["init_pool"], seed=seed)
                 else:
-                    inv = A.invert_black_box(dm, targets, basis, iters=b["bb_iters"], pop=b["bb_pop"], seed=seed)
-                r = {**M.attack_accuracy(ev, inv, targets, to_float(vic.images), vic.labels), "queries": dm.queries}
-                img[sc] = inv[:SHOW]
-            r["leak"] = M.scenario_leak(r, v)
+                    inv = INV.invert_black_box(dm, targets, prior, iters=ib["bb_iters"], pop=ib["bb_pop"],
+                                               candidates=ib["bb_candidates"], sigma=ib["bb_sigma"], lr=ib["bb_lr"],
+                                               init_pool=ib["init_pool"], seed=seed)
+                with torch.no_grad():
+                    own = INV.target_top1(dm, inv.images, targets)
+                r = {**_scored(judges, inv.images, targets, v), "target_top1": float(own.float().mean()),
+                     "top5": float(judges["judge"].hits(inv.images, targets, 5).mean()), "queries": inv.queries,
+                     "wall_s": inv.wall_s}
+                img[sc] = inv.images[:SHOW]
+            else:  # S5
+                s5 = _stream_attack(defence, rec_stream.stream(), len(vic), faces, vic.labels, decoders,
+                                    split.attacker.images, b, seed, judges, v, gallery, log)
+                img["S5"] = s5.pop("images")
+                test = _test_time(defence, decoders, dec_s1, vic.images, vic.labels, seed, judges, v, gallery)
+                r = {"blind": s5["blind"], "informed": s5["informed"], "test_time": test, "method": s5["method"]}
+                # the scenario's success: the stronger variant per victim (the server may run both)
+                r["per_victim"] = [max(a, c) for a, c in zip(s5["blind"]["per_victim"], s5["informed"]["per_victim"])]
+                r["per_victim_judge2"] = [max(a, c) for a, c in zip(s5["blind"]["per_victim_judge2"], s5["informed"]["per_victim_judge2"])]
+                r["rank1"] = float(torch.tensor(r["per_victim"]).nanmean())
+                r["leak"] = ST.leak_of(r["rank1"], v)
+                r["leak_judge2"] = ST.leak_of(float(torch.tensor(r["per_victim_judge2"]).nanmean()), v)
             row["scenarios"][sc] = r
         leaks = {s: r["leak"] for s, r in row["scenarios"].items()}
         row["score_pp"] = M.score_pp(leaks)
         row["identity_leak"] = 1.0 - row["score_pp"]
+        row["identity_leak_judge2"] = max((r.get("leak_judge2", 0.0) for r in row["scenarios"].values()), default=float("nan"))
         row["score_cls"] = M.score_cls(acc, v)
         row["tradeoff"] = M.tradeoff(row["score_pp"], row["score_cls"])
         row["wall_s"] = time.time() - t1
         rows.append(row)
         images["defences"][label] = img
-        s1 = row["scenarios"].get("S1", {})
-        log(f"[privacy] {label:12s} acc {acc:.3f}  S1 ssim {s1.get('ssim', float('nan')):.3f} top1 {s1.get('top1', float('nan')):.2f} "
-            f"ver {s1.get('verification', float('nan')):.2f}  S3 top1 {row['scenarios'].get('S3', {}).get('top1', float('nan')):.2f}  "
-            f"S4 top1 {row['scenarios'].get('S4', {}).get('top1', float('nan')):.2f}  pp {row['score_pp']:.3f} cls {row['score_cls']:.3f} "
-            f"({row['wall_s']:.0f} s)")
-    info = {"split": split.info, "seed": seed, "machine": mach, "budget": b, "evaluator_accuracy": ev_acc, "wall_s": time.time() - t0,
-            "scenarios": list(scenarios)}
+        torch.save(img, saved.with_suffix(".pt"))
+        saved.write_text(json.dumps({"request": {"config": dover, "budget": b, "scenarios": list(scenarios)}, "row": row},
+                                    default=str))
+        sc_ = row["scenarios"]
+        log(f"[privacy] {label:12s} acc {acc:.3f}  leak " + "  ".join(f"{k} {x['leak']:.2f}" for k, x in sc_.items())
+            + (f"  S5 blind rec@0.9 {sc_['S5']['blind']['recovered@0.9']:.2f} informed {sc_['S5']['informed']['recovered@0.9']:.2f}" if "S5" in sc_ else "")
+            + f"  worst {row['identity_leak']:.3f} ({row['wall_s']:.0f} s)")
+    info = {"split": split.info, "seed": seed, "machine": mach, "budget": b, "judges": judge_info,
+            "evaluator_accuracy": judge_info["judge"]["rank1"], "wall_s": time.time() - t0, "scenarios": list(scenarios),
+            "victims": v}
     result = {"info": info, "rows": rows}
     (out / "run.json").write_text(json.dumps(result, indent=1, default=str))
     torch.save(images, out / "images.pt")
