@@ -79,37 +79,11 @@ def _model(name, **over):
 
 
 @pytest.mark.parametrize("name,over", [("none", {}), ("hybrid", {"k": 4, "sign_flip": True}), ("dctdp", {})], ids=["none", "hybrid-signs", "dctdp"])
-def test_white_box_inversion_smoke_and_gradient_flows_through_fastmix(name, over):
+def test_deployed_model_is_differentiable_through_fastmix_and_counts_queries(name, over):
+    """S3 needs gradients through the defence's front-end; S4 reads only scores (inversion.py attacks it)."""
     m = _model(name, **over)
     x = torch.zeros(2, 1, 56, 56, requires_grad=True)
     m(x)[:, 0].sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0  # the front-end is differentiable in x
-    inv = A.invert_white_box(m, torch.tensor([0, 3]), (1, 56, 56), steps=3)
-    assert inv.shape == (2, 1, 56, 56) and inv.abs().max() <= 1
-
-
-def test_black_box_inversion_smoke_uses_only_scores():
-    m = _model("hybrid", k=4)
-    basis = A.FaceBasis(synthetic(4, 4).images, dims=8)
-    inv = A.invert_black_box(m, torch.tensor([1, 2]), basis, iters=2, pop=4)
-    assert inv.shape == (2, 1, 56, 56) and m.queries == 2 * 2 * 4
-    s = m.scores(inv)
-    assert torch.allclose(s.sum(1), torch.ones(2)) and not s.requires_grad
-
-
-def test_black_box_nes_climbs_a_score():
-    """NES on a transparent score (p(target) rises with the mean brightness) must raise it."""
-
-    class Bright(torch.nn.Module):
-        queries = 0
-
-        def scores(self, x):
-            self.queries += x.shape[0]
-            m = x.mean((1, 2, 3))
-            return torch.softmax(torch.stack([4 * m, -4 * m], 1), 1)
-
-    basis = A.FaceBasis(synthetic(4, 4).images, dims=8)
-    m = Bright()
-    start = m.scores(basis.image(torch.zeros(1, 8)))[0, 0]
-    out = A.invert_black_box(m, torch.tensor([0]), basis, iters=30, pop=10, sigma=0.5, lr=0.3)
-    assert m.scores(out)[0, 0] > start + 0.05
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    s = m.scores(torch.zeros(3, 1, 56, 56))
+    assert torch.allclose(s.sum(1), torch.ones(3)) and not s.requires_grad and m.queries == 5

@@ -1,5 +1,6 @@
-"""The four attacks of the threat model (THREAT_MODEL.md): S1 / S2 reconstruction by a U-Net decoder,
-S3 white-box and S4 black-box model inversion of the defended FR model.
+"""S1 / S2 of the threat model (THREAT_MODEL.md): reconstruction by a U-Net decoder trained on the attacker's
+own faces, and the deployed model (``DefendedModel``) that S3 / S4 invert (inversion.py). S5, the training
+stream attack, is stream.py.
 
 Every protected representation is produced by the defence itself, or for the mixing defences by its
 ``HybridMask`` through ``plan`` / ``apply`` (the plan gives the partner index an evaluation needs: which face
@@ -8,7 +9,6 @@ re-implements a mask.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -219,73 +219,3 @@ class DefendedModel(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Black-box query (S4): the score vector (softmax of the logits) and nothing else."""
         return torch.softmax(self.forward(x), 1)
-
-
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic TV per image (N,): mean absolute difference of neighbouring pixels."""
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., :, 1:] - x[..., :, :-1]).abs().mean((1, 2, 3))
-
-
-def invert_white_box(model: DefendedModel, targets: torch.Tensor, shape, *, steps: int = 200, lr: float = 0.05,
-                     tv: float = 0.3, l2: float = 0.01, init: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
-    """S3, MI-Face (Fredrikson et al. 2015) with a TV prior: per target identity t, gradient descent on an
-    image x (through the defence's differentiable fastmix front-end) minimising
-    CE(logits(x), t) + tv * TV(x) + l2 * ||x||^2 (x = tanh(u), so it stays in [-1, 1]; init: ``init`` or grey).
-    Returns (T, C, S, S) images."""
-    torch.manual_seed(seed)
-    u = (torch.zeros((len(targets),) + tuple(shape)) if init is None else torch.atanh(init.clamp(-0.99, 0.99))).clone().requires_grad_(True)
-    opt = torch.optim.Adam([u], lr=lr)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _ in range(steps):
-        x = torch.tanh(u)
-        loss = F.cross_entropy(model(x), targets, reduction="none") + tv * total_variation(x) + l2 * x.pow(2).mean((1, 2, 3))
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        opt.step()
-    return torch.tanh(u).detach()
-
-
-class FaceBasis:
-    """The attacker's public face prior for S4: mean and top principal components of its own faces
-    (eigenfaces of other identities), image = mean + sum_j a_j * sd_j * pc_j."""
-
-    def __init__(self, faces_u8: torch.Tensor, dims: int = 40):
-        x = to_float(faces_u8).flatten(1)
-        x = torch.cat([x, to_float(faces_u8).flip(-1).flatten(1)])
-        self.shape = faces_u8.shape[1:]
-        self.mean = x.mean(0)
-        u, s, vt = torch.linalg.svd(x - self.mean, full_matrices=False)
-        self.pcs = vt[:dims]
-        self.sd = s[:dims] / math.sqrt(x.shape[0])
-
-    def image(self, a: torch.Tensor) -> torch.Tensor:
-        return (self.mean + (a * self.sd) @ self.pcs).clamp(-1, 1).view((-1,) + tuple(self.shape))
-
-
-@torch.no_grad()
-def invert_black_box(model: DefendedModel, targets: torch.Tensor, basis: FaceBasis, *, iters: int = 60, pop: int = 20,
-                     sigma: float = 0.5, lr: float = 0.2, seed: int = 0) -> torch.Tensor:
-    """S4: natural-evolution-strategies (Wierstra et al. 2014; Ilyas et al. 2018) on the eigenface
-    coefficients, using only score queries: maximise log p(t | x) of the returned score vector. Antithetic
-    sampling, rank-free fitness (log score), Adam-style normalised steps. Queries = iters * pop per target.
-    Returns (T, C, S, S) images."""
-    g = torch.Generator().manual_seed(seed)
-    t = targets.numel()
-    d = basis.pcs.shape[0]
-    a = torch.zeros(t, d)
-    m, v = torch.zeros(t, d), torch.zeros(t, d)
-    half = pop // 2
-    for it in range(1, iters + 1):
-        eps = torch.randn(t, half, d, generator=g)
-        eps = torch.cat([eps, -eps], 1)  # (T, pop, d)
-        cand = (a.unsqueeze(1) + sigma * eps).reshape(t * pop, d)
-        sc = model.scores(basis.image(cand)).view(t, pop, -1)
-        f = torch.log(sc.gather(2, targets.view(t, 1, 1).expand(t, pop, 1)).squeeze(2).clamp_min(1e-12))
-        f = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-8)
-        grad = (f.unsqueeze(2) * eps).mean(1) / sigma
-        m = 0.9 * m + 0.1 * grad
-        v = 0.999 * v + 0.001 * grad.pow(2)
-        a = a + lr * (m / (1 - 0.9**it)) / ((v / (1 - 0.999**it)).sqrt() + 1e-8)
-        a = a.clamp(-3, 3)  # stay within 3 sd of the face prior
-    return basis.image(a)

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from training.eval import verification
 
 
 def _np01(x: torch.Tensor) -> np.ndarray:
@@ -31,46 +30,6 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     A, B = _np01(a), _np01(b)
     return torch.tensor([structural_similarity(x, y, data_range=1.0, channel_axis=-1) for x, y in zip(A, B)],
                         dtype=torch.float64)
-
-
-def identity_leak(eval_model, recon: torch.Tensor, original: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
-    """How much identity a reconstruction carries, judged by an independent clean FR model.
-
-    top1: share of reconstructions that the evaluation classifier assigns to the true identity.
-    verification: 10-fold accuracy of (reconstruction, original) pairs: genuine = a reconstruction and its own
-    original; impostor = the reconstruction and the original of a face of another identity (one per
-    reconstruction, drawn with ``seed``); cosine of the evaluation model's embeddings. 0.5 = chance.
-    """
-    with torch.no_grad():
-        er, eo = eval_model.embed(recon), eval_model.embed(original)
-        pred = eval_model.classify(recon)
-    n = recon.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    imp = torch.empty(n, dtype=torch.long)
-    for i in range(n):
-        others = (labels != labels[i]).nonzero().flatten()
-        imp[i] = others[torch.randint(len(others), (1,), generator=g)]
-    # interleave genuine and impostor pairs so every fold holds both
-    scores = torch.stack([(er * eo).sum(1), (er * eo[imp]).sum(1)], 1).flatten()
-    same = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)], 1).flatten()
-    v = verification(scores, same, folds=min(10, n))
-    return {"top1": float((pred == labels).float().mean()), "verification": float(v["accuracy"]),
-            "verification_std": float(v.get("accuracy_std", float("nan")))}
-
-
-def attack_accuracy(eval_model, images: torch.Tensor, targets: torch.Tensor, private: torch.Tensor, private_labels: torch.Tensor) -> dict:
-    """Model-inversion metrics (GMI / PLG-MI convention): top-1 / top-5 accuracy of the evaluation classifier
-    on the inverted images (one per target identity), and the nearest-neighbour feature distance: the L2
-    distance between an inverted image's (L2-normalised) evaluation embedding and the closest private image
-    of its target identity (lower = closer to a real face of that person; 0..2)."""
-    with torch.no_grad():
-        logits = eval_model.logits(images)
-        top5 = logits.topk(min(5, logits.shape[1]), 1).indices
-        e, ep = eval_model.embed(images), eval_model.embed(private)
-    d = torch.cdist(e, ep)
-    knn = torch.stack([d[i, private_labels == t].min() for i, t in enumerate(targets.tolist())])
-    return {"top1": float((top5[:, 0] == targets).float().mean()), "top5": float((top5 == targets.view(-1, 1)).any(1).float().mean()),
-            "knn_dist": float(knn.mean())}
 
 
 # ----------------------------------------------------------------------------------------------------

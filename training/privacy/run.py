@@ -301,7 +301,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
             + (f"  S5 blind rec@0.9 {sc_['S5']['blind']['recovered@0.9']:.2f} informed {sc_['S5']['informed']['recovered@0.9']:.2f}" if "S5" in sc_ else "")
             + f"  worst {row['identity_leak']:.3f} ({row['wall_s']:.0f} s)")
     info = {"split": split.info, "seed": seed, "machine": mach, "budget": b, "judges": judge_info,
-            "evaluator_accuracy": judge_info["judge"]["rank1"], "wall_s": time.time() - t0, "scenarios": list(scenarios),
+            "wall_s": time.time() - t0, "scenarios": list(scenarios),
             "victims": v}
     result = {"info": info, "rows": rows}
     (out / "run.json").write_text(json.dumps(result, indent=1, default=str))
