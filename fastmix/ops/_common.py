@@ -17,6 +17,27 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def exact_under_autocast(fn):
+    """Run a public op (first argument: its input tensor) with autocast off on that tensor's device.
+
+    Every op promises its computation dtype (float32 accumulation, float64 for float64 inputs) and returns
+    x's dtype (or out_dtype). Under torch.autocast the matmuls inside the torch paths (the block-DCT
+    einsums of the reference backend, the references themselves, the Triton interpreter's fallbacks) would
+    silently run in bfloat16 / float16 while the result still says float32 (the front-end's colour einsum:
+    errors of 3.5-6 on values up to ~680 under autocast("cpu", torch.bfloat16)). The fused C++ / CUDA ops
+    are custom ops, which autocast leaves alone. Cost when autocast is off: one flag read."""
+
+    @functools.wraps(fn)
+    def run(x, *args, **kwargs):
+        dev = x.device.type if isinstance(x, torch.Tensor) else None
+        if dev is not None and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+
+    return run
+
+
 def tensor_cache(maxsize: int | None):
     """functools.lru_cache for functions that build constant tensors (transform matrices, geometry, keep
     slots), built outside inference mode: a tensor made under ``torch.inference_mode()`` (an evaluation pass

@@ -10,7 +10,15 @@ import math
 import torch
 
 from .. import _backend
-from ._common import check_autodiff_mode, check_block, check_float_tensor, check_multiple, compute_dtype, tensor_cache
+from ._common import (
+    check_autodiff_mode,
+    check_block,
+    check_float_tensor,
+    check_multiple,
+    compute_dtype,
+    exact_under_autocast,
+    tensor_cache,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Reference
@@ -74,11 +82,13 @@ def _block_transform_ref(x: torch.Tensor, block: int, inverse: bool) -> torch.Te
     return _untile(y).to(x.dtype)
 
 
+@exact_under_autocast
 def block_dct_ref(x: torch.Tensor, block: int = 8) -> torch.Tensor:
     """Reference block DCT-II: (..., H, W) -> (..., H, W), each tile replaced by D @ tile @ D.T."""
     return _block_transform_ref(x, block, inverse=False)
 
 
+@exact_under_autocast
 def block_idct_ref(y: torch.Tensor, block: int = 8) -> torch.Tensor:
     """Reference block DCT-III (the inverse): each tile replaced by D.T @ tile @ D."""
     return _block_transform_ref(y, block, inverse=True)
@@ -170,6 +180,7 @@ def _block_transform(x: torch.Tensor, block: int, inverse: bool, name: str) -> t
     return _block_transform_ref(x, block, inverse)
 
 
+@exact_under_autocast
 def block_dct(x: torch.Tensor, block: int = 8) -> torch.Tensor:
     """Orthonormal 2-D DCT-II of every block x block tile.
 
@@ -179,6 +190,7 @@ def block_dct(x: torch.Tensor, block: int = 8) -> torch.Tensor:
     return _block_transform(x, block, False, "block_dct")
 
 
+@exact_under_autocast
 def block_idct(y: torch.Tensor, block: int = 8) -> torch.Tensor:
     """Inverse of :func:`block_dct` (DCT-III of every tile). y: (..., H, W) float."""
     return _block_transform(y, block, True, "block_idct")

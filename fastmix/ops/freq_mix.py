@@ -22,6 +22,7 @@ from ._common import (
     check_multiple,
     check_same_device,
     compute_dtype,
+    exact_under_autocast,
     is_compiling,
     tensor_cache,
     wants_index_check,
@@ -195,6 +196,7 @@ def mix_channels_ref(ch: torch.Tensor, index, weight4, ids, seed, pixels: bool, 
     return y[:, list(ids)].to(out_dtype)
 
 
+@exact_under_autocast
 def freq_mix_ref(x, index, weight, *, keep=None, seed=None, out="channels"):
     """Pure-PyTorch reference of :func:`freq_mix` (materialises the gathered partners)."""
     pixels, index, weight4, ids, seed = _validate(x, index, weight, keep, seed, out)
@@ -379,6 +381,7 @@ def _validate(x, index, weight, keep, seed, out):
     return pixels, index, weight4, ids, seed
 
 
+@exact_under_autocast
 def freq_mix(x, index, weight, *, keep=None, seed=None, out="channels"):
     """Fused hybrid mask: block DCT, k-way weighted mixing, channel keep, sign flip (and inverse DCT).
 

@@ -25,6 +25,7 @@ from ._common import (
     check_float_tensor,
     check_same_device,
     compute_dtype,
+    exact_under_autocast,
     is_compiling,
     tensor_cache,
     zeros_result,
@@ -64,36 +65,34 @@ def to_255(x: torch.Tensor) -> torch.Tensor:
     return (x + 1.0) * 127.5
 
 
+def _affine3(v: torch.Tensor, m, shift) -> torch.Tensor:
+    """out[:, d] = sum_c m[d][c] * v[:, c] + shift[d] for 3 channels, with m and shift Python floats.
+
+    Elementwise on purpose, not a (3x3) @ pixels einsum: einsum is a matmul, which torch.autocast runs in
+    bfloat16 / float16 (under autocast("cpu", torch.bfloat16) the float32 front-end carried bf16 rounding,
+    errors of 3.5-6 on values up to ~680), in the forward and in a backward called inside the autocast
+    region; multiply-adds are never autocast. Bit-identical to the float32 einsum it replaces (checked at
+    16 x 3 x 112 x 112; three products summed in order, the shift last) and no slower (1.4 vs 2.2 ms there,
+    one thread). Python-float constants are kernel arguments: no constant tensor to cache per device, no
+    host-to-device copy."""
+    r, g, b = v.unbind(1)
+    out = []
+    for row, sh in zip(m, shift):
+        o = r.mul(row[0]).add_(g, alpha=row[1]).add_(b, alpha=row[2])
+        out.append(o.add_(sh) if sh else o)
+    return torch.stack(out, 1)
+
+
+_YCBCR_ROWS = YCBCR.tolist()
+_YCBCR_SHIFTS = YCBCR_SHIFT.tolist()
+_YCBCR_INV_ROWS = torch.linalg.inv(YCBCR).tolist()
+
+
 def color_transform(v: torch.Tensor, color: str) -> torch.Tensor:
     """[0, 255] images -> level-shifted YCbCr (or level-shifted channels as they are, for color='none')."""
     if color == "none":
         return v - 128.0
-    m, shift = ycbcr_constants(v.dtype, v.device)
-    return torch.einsum("dc,nchw->ndhw", m, v) + shift.view(1, 3, 1, 1)
-
-
-def ycbcr_constants(dtype: torch.dtype, device: torch.device):
-    """(M, shift) of color_transform on ``device``, cached: a host-to-device copy per call would be a
-    host sync (PyTorch waits for a blocking copy from pageable memory), two per frontend call. In a compiled
-    graph, an op's copy of them (see fastmix.ops.freq_mix.keep_positions)."""
-    if is_compiling():
-        return torch.ops.fastmix_const.ycbcr_constants(dtype, torch.device(device))
-    return _ycbcr_constants(dtype, torch.device(device))
-
-
-@torch.library.custom_op("fastmix_const::ycbcr_constants", mutates_args=())
-def _ycbcr_constants_op(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(t.clone() for t in _ycbcr_constants(dtype, device))
-
-
-@_ycbcr_constants_op.register_fake
-def _(dtype, device):
-    return torch.empty(3, 3, dtype=dtype, device=device), torch.empty(3, dtype=dtype, device=device)
-
-
-@tensor_cache(maxsize=16)
-def _ycbcr_constants(dtype, device):
-    return YCBCR.to(dtype=dtype, device=device), YCBCR_SHIFT.to(dtype=dtype, device=device)
+    return _affine3(v, _YCBCR_ROWS, _YCBCR_SHIFTS)
 
 
 def inverse_color_transform(y: torch.Tensor, color: str) -> torch.Tensor:
@@ -101,9 +100,8 @@ def inverse_color_transform(y: torch.Tensor, color: str) -> torch.Tensor:
     if color == "none":
         v = y + 128.0
     else:
-        minv = torch.linalg.inv(YCBCR).to(dtype=y.dtype, device=y.device)
-        shift = YCBCR_SHIFT.to(dtype=y.dtype, device=y.device)
-        v = torch.einsum("dc,nchw->ndhw", minv, y - shift.view(1, 3, 1, 1))
+        unshifted = y - y.new_tensor(_YCBCR_SHIFTS).view(1, 3, 1, 1)
+        v = _affine3(unshifted, _YCBCR_INV_ROWS, (0.0, 0.0, 0.0))
     return v / 127.5 - 1.0
 
 
@@ -113,6 +111,7 @@ def upsample_ref(v: torch.Tensor, upsample: int) -> torch.Tensor:
     return F.interpolate(v, scale_factor=upsample, mode="bilinear", align_corners=True)
 
 
+@exact_under_autocast
 def frontend_ref(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None, seed=None, out_dtype=None):
     """Pure-PyTorch reference of :func:`frontend`: materialises the upsampled image (what users run today)."""
     args = _validate(x, upsample, color, keep, index, weight, seed, out_dtype)
@@ -267,6 +266,7 @@ def _validate(x, upsample, color, keep, index, weight, seed, out_dtype):
     return index, weight4, ids, check_seed(seed), x.dtype if out_dtype is None else out_dtype
 
 
+@exact_under_autocast
 def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None, seed=None, out_dtype=None):
     """Fused frequency front-end: images -> (masked, mixed, signed) DCT channels of the upsampled image.
 
@@ -313,6 +313,7 @@ def _color_pass(x, color, cd, backend):
     return color_transform(to_255(x.to(cd)), color)
 
 
+@exact_under_autocast
 def frontend_inverse(z, *, upsample=8, color="ycbcr", keep=None, channels=None, size=None):
     """Map frontend channels back to images in [-1, 1] (for visualisation).
 

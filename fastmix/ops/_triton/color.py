@@ -78,10 +78,12 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     if ctx.adjoint:
-        # The adjoint's own gradient (double backward) is the map's linear part, A per pixel: a 3x3
-        # product in torch (not a hot path), differentiable in turn.
-        a = _constants(grad.device)[0]
-        return torch.einsum("ij,njhw->nihw", a, grad.float()).to(ctx.dtype), None
+        # The adjoint's own gradient (double backward) is the map's linear part, A per pixel: in torch (not
+        # a hot path), differentiable in turn; as multiply-adds (frontend._affine3), not an einsum, which a
+        # backward run inside torch.autocast would compute in bfloat16 / float16.
+        from ..frontend import YCBCR, _affine3
+
+        return _affine3(grad.float(), (127.5 * YCBCR).tolist(), (0.0, 0.0, 0.0)).to(ctx.dtype), None
     return torch.ops.fastmix.ycbcr_triton(grad, True).to(ctx.dtype), None
 
 
