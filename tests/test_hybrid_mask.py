@@ -368,3 +368,62 @@ def test_generator_of_the_wrong_type_names_the_argument(bad):
     for law in ("instahide", "dirichlet"):
         with pytest.raises(TypeError, match="generator must be None or a torch.Generator, got"):
             fastmix.sample_weights(4, 2, law=law, generator=bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile: the plan is drawn outside, the rest compiles with fullgraph=True
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+COMPILE_STEPS = 10  # more fresh plans than Dynamo's recompile limit (8): a recompile per key would show
+# compiled vs eager: the traced reference may reorder float32 sums (front-end values ~1e3)
+COMPILE_TOL = dict(rtol=1e-4, atol=1e-3)
+
+
+def test_compiled_step_with_a_plan_drawn_outside(backend, gen, fresh_dynamo):
+    """The documented pattern: mask.plan() eagerly, the masked forward and the loss in one fullgraph compile.
+    Matches eager on every step with a fresh key each, compiled at most twice (the first call specialises the
+    seed, the second makes it a symbolic int)."""
+    import torch._dynamo.testing
+
+    mask = HybridMask(3, generator=torch.Generator().manual_seed(4))
+    head = torch.nn.Linear(189, 5)
+
+    def step(x, labels, plan):
+        z, partner_labels, w = mask(x, labels, plan=plan)
+        logp = head(z.mean((2, 3))).log_softmax(1)
+        return -(w * logp.gather(1, partner_labels)).sum(1).mean()
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    x, labels = rand_faces(gen, 4, 3, 4, 4), labels_for(4) % 5
+    seeds = set()
+    for _ in range(COMPILE_STEPS):
+        p = mask.plan(4)
+        seeds.add(p.seed)
+        torch.testing.assert_close(compiled(x, labels, p), step(x, labels, p), **COMPILE_TOL)
+    assert len(seeds) == COMPILE_STEPS
+    assert counter.frame_count <= 2, counter.frame_count
+    # mask.apply compiles the same way
+    apply = torch.compile(mask.apply, fullgraph=True, backend="aot_eager")
+    p = mask.plan(4)
+    torch.testing.assert_close(apply(x, p), mask.apply(x, p), **COMPILE_TOL)
+
+
+def test_compiling_the_module_without_a_plan(gen, fresh_dynamo):
+    """fullgraph=True without a plan: an error that says what to do (it failed inside PyTorch on .item()
+    and the generator). Without fullgraph the draws run eagerly: a fresh key per call."""
+    mask = HybridMask(2, generator=torch.Generator().manual_seed(6))
+    x, labels = rand_faces(gen, 4, 3, 4, 4), labels_for(4)
+    with pytest.raises(Exception, match=r"outside torch.compile: call p = mask.plan"):
+        torch.compile(mask, fullgraph=True, backend="aot_eager")(x, labels)
+    relaxed = torch.compile(mask, backend="aot_eager")
+    a, b = relaxed(x, labels)[0], relaxed(x, labels)[0]
+    assert a.shape == (4, 189, 4, 4) and not torch.equal(a, b)

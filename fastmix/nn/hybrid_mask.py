@@ -64,6 +64,17 @@ def worker_stream(gen: torch.Generator | None) -> torch.Generator | None:
     return gen
 
 
+# torch.compile: the draws cannot be traced (a torch.Generator is not a graph value, the sign key is read back
+# with .item(), the DataLoader-worker re-keying is Python state), and a key drawn at trace time would be
+# baked into the graph and repeated at every call. So the plan is drawn eagerly, outside the compiled region,
+# and passed in: the fused op and everything around it compile with fullgraph=True, the seed becomes a
+# symbolic int after the first call (one recompile, then none). tests/test_hybrid_mask.py runs this pattern.
+COMPILE_HINT = (
+    "HybridMask draws its random plan (partners, weights, one-time sign key) eagerly, outside torch.compile: "
+    "call p = mask.plan(x.shape[0]) (or mask.plan(n, k)) before the compiled function and pass it in, "
+    "mask(x, labels, plan=p) or mask.apply(x, p), inside; see HybridMask's docstring")
+
+
 class MixPlan(NamedTuple):
     """The random draws of one HybridMask call: output m mixes rows index[m, :] of the input with
     weight[m, :] (zeros pad a per-sample k) and flips signs with the one-time key ``seed`` (None: no flips)."""
@@ -102,6 +113,19 @@ class HybridMask(nn.Module):
         masked = mask.apply(x, p)                 # == mask(x, labels, plan=p)[0]
 
     The generator's state is part of ``state_dict()`` (extra state), so a checkpoint restores the stream.
+
+    Under ``torch.compile`` (fullgraph=True included) draw the plan outside and compile the rest; the seed
+    travels as a symbolic int, so a fresh key per step does not recompile (after the first step)::
+
+        @torch.compile(fullgraph=True)
+        def step(x, labels, plan):
+            z, partner_labels, w = mask(x, labels, plan=plan)
+            return mixed_label_loss(backbone(z), partner_labels, w)
+
+        loss = step(x, labels, mask.plan(x.shape[0]))
+
+    Calling the module without a plan inside a compiled region raises a RuntimeError saying so (the draws
+    cannot be traced, and a key drawn while tracing would be baked into the graph and repeated).
     """
 
     def __init__(
@@ -191,6 +215,8 @@ class HybridMask(nn.Module):
         if labels.shape[:1] != (n,):
             raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
         if plan is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(COMPILE_HINT)
             plan = self.plan(n, k)
         elif k is not None:
             raise ValueError("pass k to plan(), not together with a plan")
