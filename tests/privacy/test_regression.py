@@ -122,3 +122,34 @@ def test_lfw_split_is_identity_disjoint():
     vic = {n.split("/")[-2] for n in s.victim_train.names}
     att = {n.split("/")[-2] for n in s.attacker.names}
     assert vic and att and not vic & att
+
+
+def _folder_of_orl(orl_root, dest, people: int, fmt: str = "GIF"):
+    """A user's face folder: ORL people re-saved as another format, one sub-folder per identity."""
+    from PIL import Image
+
+    for d in sorted(p for p in orl_root.iterdir() if p.is_dir())[:people]:
+        (dest / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir()):
+            Image.open(f).save(dest / d.name / (f.stem + "." + fmt.lower()), fmt)
+    return dest
+
+
+def test_cli_on_a_users_image_folder(orl_root, tmp_path):
+    """--sets folder:PATH runs the same splits, attacks and report on a folder of GIFs; a folder too small to
+    split is one line on stderr and exit 2."""
+    import json
+
+    from training.privacy.__main__ import main
+
+    folder = _folder_of_orl(orl_root, tmp_path / "my faces", 12)
+    out = tmp_path / "res"
+    assert main(["--budget", "smoke", "--sets", f"folder:{folder}", "--seeds", "0", "--defences", "none,hybrid_k2",
+                 "--scenarios", "S1,S5", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    t = json.loads((out / "folder_my_faces" / "table.json").read_text())
+    run = t["runs"][0]
+    assert run["info"]["victims"] >= 2 and {r["defence"] for r in run["rows"]} == {"none", "hybrid_k2"}
+    assert set(run["rows"][1]["scenarios"]) == {"S1", "S5"}
+    small = _folder_of_orl(orl_root, tmp_path / "tiny", 2, "PNG")
+    assert main(["--budget", "smoke", "--sets", f"folder:{small}", "--seeds", "0", "--out", str(out),
+                 "--work", str(tmp_path / "work")]) == 2

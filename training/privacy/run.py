@@ -64,14 +64,17 @@ def signs_of(defence) -> bool:
     return bool(getattr(getattr(defence, "mask", None), "sign_flip", False))
 
 
-def target_config(split_name: str, label: str, dover: dict, seed: int, budget: dict, out: Path) -> dict:
+BATCH = 40  # the training configs' batch; a smaller face set trains on batches of all its faces
+
+
+def target_config(split_name: str, label: str, dover: dict, seed: int, budget: dict, out: Path, train_faces: int = BATCH) -> dict:
     over = {
         "name": f"privacy_{split_name}_{label}_s{seed}", "seed": seed, "out_dir": str(out / "fr" / f"{label}"),
         "data": {"size": 56, "crop": None},
         "model": {"arch": "tiny", "embedding": 64, "width": 2.0},
         "defence": dover,
         "train": {"steps": budget["fr_steps"], "progress": False, "eval_every": max(1, budget["fr_steps"] // 6),
-                  "log_every": max(1, budget["fr_steps"] // 6), "threads": 1, "batch_size": 40},
+                  "log_every": max(1, budget["fr_steps"] // 6), "threads": 1, "batch_size": min(BATCH, train_faces)},
     }
     return load_config(project_root() / CONFIGS.get(split_name, CONFIGS["orl"]), overrides=over)  # folder sets: grey, as ORL
 
@@ -223,7 +226,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
                 images["defences"][label] = torch.load(saved.with_suffix(".pt"), weights_only=False)
                 log(f"[privacy] {label}: reusing {saved}")
                 continue
-        cfg = target_config(split_name, label, dover, seed, b, out)
+        cfg = target_config(split_name, label, dover, seed, b, out, len(vic))
         rec_stream = S5.StreamRecorder() if "S5" in scenarios else None
         res = train(cfg, resume=False, data=split.bundle(), tap=rec_stream)
         model = load_target(cfg, v)
@@ -272,7 +275,8 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
                      "wall_s": inv.wall_s}
                 img[sc] = inv.images[:SHOW]
             else:  # S5
-                s5 = _stream_attack(defence, rec_stream.stream(), len(vic), faces, vic.labels, decoders,
+                bs = int(cfg["train"]["batch_size"])  # an epoch is its whole batches (the sampler drops the rest)
+                s5 = _stream_attack(defence, rec_stream.stream(), len(vic) // bs * bs, faces, vic.labels, decoders,
                                     split.attacker.images, b, seed, judges, v, gallery, log)
                 img["S5"] = s5.pop("images")
                 test = _test_time(defence, decoders, dec_s1, vic.images, vic.labels, seed, judges, v, gallery)
