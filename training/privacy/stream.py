@@ -436,11 +436,18 @@ def attack_stream(defence, stream: Stream, rows_per_epoch: int, variant: str, *,
         else:
             # the informed server may run the blind attack too; keep whichever explains the stream better
             means, inf, _ = unmix_informed(z, stream.labels, stream.weights, per, init=None, seed=seed)
-            out["sources"] = torch.cat([inf, blind])
+            out["sources"] = torch.cat([inf, blind, means])  # the identity means: what survives when N > D
             out["identity_means"] = means
     elif method == "repeat_averaging":
         own = stream.labels[:, 0] if variant == "informed" else None
         out["sources"] = average_repeats(z, n_src, own, per, seed=seed)
+        if variant == "informed":
+            # Each identity's mean over all its rows, coefficient by coefficient: PartialFace's random channel
+            # subsets of one face never overlap, so no clustering links them, but the label does -- the mean
+            # covers every kept channel and shows the person (measured: it is what the judge identifies).
+            means = group_average(z, own)
+            out["identity_means"] = means
+            out["sources"] = torch.cat([out["sources"], means])
     else:
         if abs_decoder is None:
             raise ValueError("a sign-flipping defence needs abs_decoder (train_abs_decoder on the attacker's faces)")
@@ -542,3 +549,143 @@ def match_victims(defence, out: dict, faces: torch.Tensor, decoder=None) -> dict
         cos, idx, _ = best_match(enc(out["images"]), truth, mirror)
         images = out["images"][idx]
     return {"cos": cos, "images": images}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adaptive S5 against the stream-attack options of the mixing defences (issue 15; DEFENCES.md)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _groups(shape: tuple, by: str) -> tuple[int, int]:
+    """(groups, members) of a (C, h, w) representation flattened channel-major: by "channel" (C groups of h*w
+    coefficients) or "block" (h*w groups of C coefficients; a view through .transpose)."""
+    c, h, w = shape
+    return (c, h * w) if by == "channel" else (h * w, c)
+
+
+def _grouped(z: torch.Tensor, shape: tuple, by: str) -> torch.Tensor:
+    """(T, D) -> (T, groups, members) view (a copy for blocks)."""
+    c, h, w = shape
+    v = z.view(z.shape[0], c, h * w)
+    return v if by == "channel" else v.transpose(1, 2)
+
+
+def _ungrouped(g: torch.Tensor, shape: tuple, by: str) -> torch.Tensor:
+    return (g if by == "channel" else g.transpose(1, 2)).reshape(g.shape[0], -1)
+
+
+def canonical_signs(z: torch.Tensor, shape: tuple, by: str, reference: torch.Tensor) -> torch.Tensor:
+    """Undo a per-row key that flips whole channels or whole 8x8 blocks: each (row, group) is turned to the
+    sign that correlates positively with ``reference`` (D,) or (T, D) -- the attacker's mean face (its own
+    faces, encoded alone) first, then the stream's current reconstruction. A sum of faces with non-negative
+    weights shares the mean face's low-frequency layout, so the mean face already fixes most groups."""
+    zg = _grouped(z, shape, by)
+    ref = reference.expand(z.shape[0], -1) if reference.dim() == 1 else reference
+    rg = _grouped(ref.to(z.dtype), shape, by)
+    s = torch.sign((zg * rg).sum(2, keepdim=True))
+    return _ungrouped(zg * torch.where(s == 0, torch.ones_like(s), s), shape, by)
+
+
+def unmix_signed_groups(z: torch.Tensor, shape: tuple, by: str, mean_face: torch.Tensor, sources: int, k: int, *,
+                        rounds: int = 12, iters: int = 3, seed: int = 0) -> torch.Tensor:
+    """Blind attack on a no-sign mix behind a per-row channel or block sign key: canonical signs against the
+    attacker's mean face, blind linear unmixing, then ``iters`` rounds of re-signing every (row, group) by its
+    reconstruction from the current sources (k-sparse code) and unmixing again. Returns the sources of every
+    iteration stacked (the attacker keeps all its candidates)."""
+    zc = canonical_signs(z, shape, by, mean_face)
+    found = []
+    for it in range(iters):
+        x = unmix_blind(zc, sources, k, rounds=rounds, seed=seed + it)
+        found.append(x)
+        if it < iters - 1:
+            recon = sparse_code(zc.double(), x.double(), k) @ x.double()
+            zc = canonical_signs(z, shape, by, recon.float())
+    return torch.cat(found)
+
+
+def per_group_code(z: torch.Tensor, atoms: torch.Tensor, shape: tuple, k: int, ridge: float = 1e-6,
+                   chunk: int = 512) -> torch.Tensor:
+    """Sparse coding for mixes with a separate weight per DCT frequency (channel): the support (which k
+    sources) is shared by all channels of a row -- the partners are the same faces at every frequency -- and
+    the weights are solved per channel. Greedy: add the atom with the largest per-channel projection energy
+    of the residual, re-solve every channel's least squares on the support (non-negative). Returns codes
+    (T, r, C): row t's weight of source j in channel c."""
+    c, h, w = shape
+    t, r = z.shape[0], atoms.shape[0]
+    a = atoms.double().view(r, c, h * w)
+    out = torch.zeros(t, r, c, dtype=torch.float64)
+    an = (a * a).sum(2).clamp_min(1e-12)  # (r, C)
+    for i in range(0, t, chunk):
+        zz = z[i : i + chunk].double().view(-1, c, h * w)
+        n = zz.shape[0]
+        b = torch.einsum("tcm,rcm->trc", zz, a)  # (n, r, C)
+        chosen = torch.empty(n, 0, dtype=torch.long)
+        rows = torch.arange(n)
+        resid_b = b.clone()
+        coef = None
+        for _ in range(min(k, r)):
+            score = (resid_b.clamp_min(0) ** 2 / an.unsqueeze(0)).sum(2)  # energy of positive projections
+            if chosen.shape[1]:
+                score[rows.view(-1, 1), chosen] = -math.inf
+            chosen = torch.cat([chosen, score.argmax(1, keepdim=True)], 1)
+            ac = a[chosen]  # (n, j, C, m)
+            gram = torch.einsum("njcm,nicm->ncji", ac, ac)
+            eye = torch.eye(chosen.shape[1], dtype=torch.float64) * ridge * an.mean()
+            rhs = b.gather(1, chosen.unsqueeze(2).expand(-1, -1, c)).permute(0, 2, 1).unsqueeze(3)  # (n, C, j, 1)
+            coef = torch.linalg.solve(gram + eye, rhs).squeeze(3).clamp_min(0)  # (n, C, j)
+            resid_b = b - torch.einsum("ncj,ncjr->nrc", coef, torch.einsum("njcm,rcm->ncjr", ac, a))
+        out[i : i + n].scatter_(1, chosen.unsqueeze(2).expand(-1, -1, c), coef.permute(0, 2, 1))
+    return out
+
+
+def solve_group_sources(codes: torch.Tensor, z: torch.Tensor, shape: tuple, ridge: float = 1e-6) -> torch.Tensor:
+    """Least-squares sources (r, D) for per-channel codes (T, r, C): one normal-equation solve per channel."""
+    c, h, w = shape
+    zz = z.double().view(-1, c, h * w)
+    ata = torch.einsum("trc,tsc->crs", codes, codes)
+    ata = ata + torch.eye(codes.shape[1], dtype=torch.float64) * ridge * ata.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-12)
+    rhs = torch.einsum("trc,tcm->crm", codes, zz)
+    x = torch.linalg.solve(ata, rhs)  # (C, r, m)
+    return x.permute(1, 0, 2).reshape(codes.shape[1], -1)
+
+
+def unmix_per_frequency(z: torch.Tensor, shape: tuple, sources: int, k: int, *, init: torch.Tensor | None = None,
+                        rounds: int = 10, init_rounds: int = 10, seed: int = 0) -> torch.Tensor:
+    """Blind attack on per-frequency weights: each channel is still a linear mix (z_c = W_c X_c) and the
+    partners are shared by the channels, so: blind linear unmixing as if one weight held for all channels
+    (the frequency-mean weights; the rest is structured noise), then ``rounds`` of group-sparse coding with
+    per-channel weights (``per_group_code``) and per-channel least-squares sources. Returns (r, D)."""
+    x = init.double() if init is not None else unmix_blind(z, sources, k, rounds=init_rounds, seed=seed).double()
+    for _ in range(rounds):
+        codes = per_group_code(z, x, shape, k)
+        used = codes.abs().sum((0, 2)) > 0
+        x = torch.where(used.view(-1, 1), solve_group_sources(codes, z, shape), x)
+    return x.float()
+
+
+def wiener_channels(sources: torch.Tensor, shape: tuple, noise_var: torch.Tensor) -> torch.Tensor:
+    """Shrink each channel of recovered sources (R, D) by its Wiener gain max(0, 1 - noise / power), with
+    ``noise_var`` (C,) the noise variance left in a recovered source's coefficient of that channel (the
+    defence's noise scale is public: the attacker knows the algorithm). Channels the noise swamps go to 0
+    instead of adding noise to the face."""
+    c, h, w = shape
+    s = sources.double().view(sources.shape[0], c, h * w)
+    power = (s * s).mean((0, 2)).clamp_min(1e-12)
+    gain = (1 - noise_var.double() / power).clamp_min(0)
+    return (s * gain.view(1, c, 1)).reshape(sources.shape[0], -1).float()
+
+
+def residual_noise_var(z: torch.Tensor, sources: torch.Tensor, k: int, sigma: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Per-channel noise variance of a least-squares source estimate: sigma_c^2 x the mean diagonal of
+    (C^T C)^-1 of the k-sparse codes (the noise averages over the rows that hold a source)."""
+    codes = sparse_code(z.double(), sources.double(), k)
+    ata = codes.t() @ codes
+    used = ata.diagonal() > 0
+    inv = torch.linalg.pinv(ata[used][:, used]).diagonal().mean()
+    return sigma.double().flatten() ** 2 * inv
+
+
+def pool_debias(sources: torch.Tensor, mean_face: torch.Tensor, own_weight: float) -> torch.Tensor:
+    """Partners from a public pool: a face's repeats average to w x + (1 - w) mu (mu the pool's mean face,
+    which the attacker estimates from its own faces); remove that bias: (s - (1 - w) mu) / w."""
+    return (sources - (1 - own_weight) * mean_face.view(1, -1)) / own_weight
