@@ -36,3 +36,25 @@ def synthetic(ids: int = 4, per_id: int = 4, seed: int = 0):
     from training.data import synthetic_faces
 
     return synthetic_faces(ids, per_id, 1, 56, seed)
+
+
+@pytest.fixture(scope="session")
+def smoke_judges(tmp_path_factory, orl_root) -> Path:
+    """A cache folder holding the smoke-budget judges of the ORL split (trained once per test session, about
+    15 s): CLI tests copy it into their --work so each does not retrain them."""
+    from training.privacy.data import get_split
+    from training.privacy.judge import load_judge
+
+    work = tmp_path_factory.mktemp("judges")
+    split = get_split("orl", 0)
+    for kind in ("cnn", "lda"):
+        load_judge(split, kind, "smoke", 0, work, log=lambda *_: None)
+    return work / "cache"
+
+
+def work_with_judges(tmp_path: Path, cache: Path) -> Path:
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(cache, work / "cache")
+    return work

@@ -17,7 +17,6 @@ from training.loss import MarginHead
 from training.model import build_model
 from training.privacy import attacks as A
 from training.privacy import inversion as I
-from training.privacy.evaluator import train_evaluator
 
 from conftest import defence_for
 
@@ -199,6 +198,10 @@ def test_bad_arguments_fail_clearly(tmp_path):
         I.invert_white_box(m, torch.tensor([0]), prior, steps=1, candidates=4, init_pool=2)
     with pytest.raises(ValueError, match="loss"):
         I.identity_loss(m, torch.zeros(1, 1, 56, 56), torch.tensor([0]), "ce")
-    judge = train_evaluator(faces, torch.arange(4).repeat_interleave(4), steps=1)
+    class _Flat:  # any object with embed() is a judge here
+        def embed(self, x):
+            return x.flatten(1)
+
+    judge = _Flat()
     with pytest.raises(ValueError, match="one image per target"):
         I.judge_inversions(judge, torch.zeros(2, 1, 56, 56), torch.tensor([0]), to_float(faces), torch.arange(4).repeat_interleave(4))

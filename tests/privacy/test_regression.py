@@ -11,7 +11,7 @@ from training.privacy import attacks as A
 from training.privacy import metrics as M
 from training.privacy.data import orl_split
 
-from conftest import defence_for
+from conftest import defence_for, work_with_judges
 
 
 def _s1_ssim(split, name, **over) -> float:
@@ -39,12 +39,13 @@ def test_split_is_identity_disjoint(orl_root):
     assert s.victim_train.images.shape[1:] == (1, 56, 56)
 
 
-def test_pipeline_and_cli_smoke(orl_root, tmp_path):
+def test_pipeline_and_cli_smoke(orl_root, tmp_path, smoke_judges):
     """The whole command on a smoke budget (a few steps of everything) writes every report file."""
     from training.privacy.__main__ import main
 
+    work = work_with_judges(tmp_path, smoke_judges)
     assert main(["--budget", "smoke", "--sets", "orl", "--seeds", "0", "--defences", "none,instahide,hybrid_k2,hybrid_k3,adaptive",
-                 "--out", str(tmp_path / "res"), "--work", str(tmp_path / "work")]) == 0
+                 "--out", str(tmp_path / "res"), "--work", str(work)]) == 0
     d = tmp_path / "res" / "orl"
     for f in ("table.md", "table.json", "frontier.png", "grid.png"):
         assert (d / f).stat().st_size > 0, f
@@ -86,13 +87,13 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())
 
 
-def test_cli_one_defence_one_scenario_and_reuse(orl_root, tmp_path, capsys):
+def test_cli_one_defence_one_scenario_and_reuse(orl_root, tmp_path, capsys, smoke_judges):
     """A single defence (the image grid has one row) and scenarios without S1 (S2 then runs its own attack)
     make a report; --reuse takes a saved run only for the same request."""
     from training.privacy.__main__ import main
 
     common = ["--budget", "smoke", "--sets", "orl", "--seeds", "0", "--out", str(tmp_path / "res"),
-              "--work", str(tmp_path / "work")]
+              "--work", str(work_with_judges(tmp_path, smoke_judges))]
     assert main(common + ["--defences", "hybrid_k2", "--scenarios", "S2,S3"]) == 0
     import json
 

@@ -434,7 +434,7 @@ def judge_inversions(judge, images: torch.Tensor, targets: torch.Tensor, enrolle
     judge: any object with ``embed(x) -> (N, E)`` (normalised or not; normalised here). Victims are
     enrolled by templates: the mean normalised embedding of ``enrolled`` (M, C, S, S) [-1, 1] images per
     label of ``enrolled_labels`` (M,). Rank of an inversion = position of its target's template among all
-    templates by cosine. If the judge also has ``logits(x) -> (N, classes)`` (evaluator.EvalNet), its
+    templates by cosine. If the judge also has ``logits(x) -> (N, classes)`` (a classifier judge), its
     classifier ranks are returned too.
     Returns (T,)-tensors: "top1", "top5" (bool, templates), "rank" (int, 1 = best), "cos" (cosine to the
     target template), "knn_dist" (L2 of normalised embeddings to the nearest enrolled image of the target,
