@@ -43,13 +43,16 @@
 #define FASTMIX_CPU_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt"
 #endif
 
+// _Pragma takes one string literal, and # does not expand its argument: the target string is expanded by
+// one macro level (FASTMIX_CPU_TARGET_PRAGMA's t) before FASTMIX_CPU_PRAGMA turns the whole pragma into text.
+#define FASTMIX_CPU_PRAGMA(...) _Pragma(#__VA_ARGS__)
 #if defined(FASTMIX_CPU_TARGET) && defined(__clang__)
-#define FASTMIX_CPU_TARGET_BEGIN \
-  _Pragma("clang attribute push(__attribute__((target(\"" FASTMIX_CPU_TARGET "\"))), apply_to = function)")
+#define FASTMIX_CPU_TARGET_PRAGMA(t) FASTMIX_CPU_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+#define FASTMIX_CPU_TARGET_BEGIN FASTMIX_CPU_TARGET_PRAGMA(FASTMIX_CPU_TARGET)
 #define FASTMIX_CPU_TARGET_END _Pragma("clang attribute pop")
 #elif defined(FASTMIX_CPU_TARGET)
-#define FASTMIX_CPU_PRAGMA(x) _Pragma(#x)
-#define FASTMIX_CPU_TARGET_BEGIN _Pragma("GCC push_options") FASTMIX_CPU_PRAGMA(GCC target(FASTMIX_CPU_TARGET))
+#define FASTMIX_CPU_TARGET_PRAGMA(t) FASTMIX_CPU_PRAGMA(GCC target(t))
+#define FASTMIX_CPU_TARGET_BEGIN _Pragma("GCC push_options") FASTMIX_CPU_TARGET_PRAGMA(FASTMIX_CPU_TARGET)
 #define FASTMIX_CPU_TARGET_END _Pragma("GCC pop_options")
 #else
 // DEFAULT: the compiler's baseline (x86-64: SSE2; aarch64: Advanced SIMD / NEON, always present on ARMv8-A).
