@@ -1,13 +1,54 @@
 // fastmix op schemas: one place that lists every operator the extensions implement.
-// Implementations: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(fastmix, CPU)) and csrc/cuda/*.cu (CUDA).
+// Implementations: csrc/cpu/*.cpp (registered by csrc/cpu/dispatch.cpp, TORCH_LIBRARY_IMPL(fastmix, CPU), for the
+// CPU's instruction set) and csrc/cuda/*.cu (CUDA).
 // Python registers the fake (meta) kernels and autograd formulas (fastmix/ops/*.py).
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
+
+namespace {
+
+// fastmix._C.cpu_capability() -> "avx512" | "avx2" | "default"; RuntimeError when FASTMIX_CPU_CAPABILITY names
+// one this CPU cannot run (csrc/cpu/dispatch.cpp).
+PyObject* py_cpu_capability(PyObject*, PyObject*) {
+  std::string error;
+  const char* name = fastmix::cpu_capability(&error);
+  if (name == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, error.c_str());
+    return nullptr;
+  }
+  return PyUnicode_FromString(name);
+}
+
+// fastmix._C.cpu_capabilities() -> [(name, usable here)], every capability compiled in, best first.
+PyObject* py_cpu_capabilities(PyObject*, PyObject*) {
+  const auto caps = fastmix::cpu_capabilities();
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(caps.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < caps.size(); ++i) {
+    PyObject* item = Py_BuildValue("(sO)", caps[i].first.c_str(), caps[i].second ? Py_True : Py_False);
+    if (item == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
+  }
+  return out;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", py_cpu_capability, METH_NOARGS, "The instruction set the CPU kernels run with in this process."},
+    {"cpu_capabilities", py_cpu_capabilities, METH_NOARGS, "[(name, usable here)] for every compiled capability."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
 // `import fastmix._C` loads this shared object, which runs the static TORCH_LIBRARY initialisers below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastmix C++ ops (torch.ops.fastmix)", -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastmix C++ ops (torch.ops.fastmix)", -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -21,22 +21,56 @@ from ._compile import constant_result
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 BUILD_HINT = "pip install --no-build-isolation -e .  (from the fastmix source tree, after installing torch)"
+# An installed wheel or sdist is rebuilt the same way from its source: the extensions compile against the
+# torch installed now.
+REBUILD_HINT = (
+    "pip install --no-build-isolation -e .  (from the fastmix source tree), or for an installed fastmix "
+    "pip install --no-build-isolation --no-deps --force-reinstall <fastmix sdist or source tree>"
+)
 
 _ext_cache: dict[str, object] = {}
 
 
+def _public_version(v: str) -> str:
+    return str(v).split("+")[0]  # 2.13.0+cpu and 2.13.0+cu128 share the C++ ABI; 2.12 and 2.13 do not
+
+
+def torch_mismatch() -> str | None:
+    """Why the built extensions cannot load under the installed torch (None if they can, or if unknown).
+
+    setup.py records the torch the extensions were built against (fastmix/_build_info.py). Loading them
+    under another torch fails with an undefined C++ symbol at best and crashes in a static initialiser at
+    worst, so a mismatch is reported before anything is loaded.
+    """
+    try:
+        from . import _build_info
+    except ImportError:  # not built, or built by a setup.py that did not record it: the import decides
+        return None
+    built = getattr(_build_info, "TORCH_VERSION", None)
+    if built is None or _public_version(built) == _public_version(torch.__version__):
+        return None
+    return (
+        f"fastmix's C++ extensions were built against torch {built}, but torch {torch.__version__} is installed "
+        f"(their C++ ABI differs). Rebuild them against this torch: {REBUILD_HINT}"
+    )
+
+
 def _load(name: str):
     if name not in _ext_cache:
-        try:
-            _ext_cache[name] = importlib.import_module(name)
-        except ImportError as exc:  # missing or built against another torch
-            _ext_cache[name] = exc
+        mismatch = torch_mismatch()
+        if mismatch is not None:
+            _ext_cache[name] = ImportError(mismatch)
         else:
-            if name == "fastmix._C":
-                # The schemas now exist: attach the Python fake and autograd registrations.
-                from .ops import register_all
+            try:
+                _ext_cache[name] = importlib.import_module(name)
+            except ImportError as exc:  # missing, or built against another torch (undefined symbol)
+                _ext_cache[name] = exc
+            else:
+                if name == "fastmix._C":
+                    # The schemas now exist: attach the Python fake and autograd registrations.
+                    from .ops import register_all
 
-                register_all()
+                    register_all()
     mod = _ext_cache[name]
     return None if isinstance(mod, ImportError) else mod
 
@@ -58,6 +92,45 @@ def extension_error(name: str) -> str:
     return f" ({mod})" if isinstance(mod, ImportError) else ""
 
 
+def _cpu_extension_or_raise(what: str):
+    ext = cpu_extension()
+    if ext is None:
+        raise RuntimeError(
+            f"fastmix.{what}: the C++ extension fastmix._C is not built{extension_error('fastmix._C')}. "
+            f"Build it with: {BUILD_HINT}"
+        )
+    return ext
+
+
+def cpu_capability() -> str:
+    """The instruction set the C++ CPU kernels run with in this process: "avx512", "avx2" or "default".
+
+    The extension holds one copy of the kernels per capability (x86-64: default = SSE2 baseline, avx2 =
+    AVX2 + FMA, avx512 = AVX-512 F/BW/VL/DQ; aarch64: default = NEON) and uses the best this CPU supports.
+    ``FASTMIX_CPU_CAPABILITY=avx2`` (read once, at the first CPU op) forces one; ``FASTMIX_CPU_DISABLE=avx512``
+    rules one out. Raises RuntimeError when the forced one cannot run on this CPU (the CPU ops raise the
+    same error; they never execute an instruction the CPU lacks), or with the build command when the
+    extension is not built.
+
+    >>> fastmix.cpu_capability()
+    'avx2'
+    """
+    return _cpu_extension_or_raise("cpu_capability").cpu_capability()
+
+
+def cpu_capabilities() -> dict[str, bool]:
+    """Every capability compiled into the extension, best first -> whether it can run here."""
+    return dict(_cpu_extension_or_raise("cpu_capabilities").cpu_capabilities())
+
+
+def _cpu_capability_error() -> str | None:
+    try:
+        cpu_capability()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
 def triton_available() -> bool:
     # find_spec, not import: asking which backends exist must not load triton (about a second of import
     # time, and `import fastmix` promises not to); the Triton modules import it when they first run.
@@ -69,11 +142,15 @@ def triton_interpret() -> bool:
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Backends that can run on ``device`` in this process (for tests, benches and the demo)."""
+    """Backends that can run on ``device`` in this process (for tests, benches and the demo).
+
+    "cpu" is listed when the C++ extension is built for the installed torch and its kernels can run on this
+    CPU; ``fastmix.cpu_capability()`` says which instruction set they use (avx512, avx2 or default).
+    """
     dev = torch.device(device)
     out = ["torch"]
     if dev.type == "cpu":
-        if cpu_extension() is not None:
+        if cpu_extension() is not None and _cpu_capability_error() is None:
             out.append("cpu")
         if triton_available() and triton_interpret():
             out.append("triton")
@@ -140,10 +217,16 @@ def _require(name: str, device: torch.device, op: str) -> None:
         if device.type != "cpu":
             raise RuntimeError(f"fastmix.{op}: FASTMIX_BACKEND=cpu runs CPU tensors only, got a {device} tensor")
         if cpu_extension() is None:
+            mismatch = torch_mismatch()
+            if mismatch is not None:
+                raise RuntimeError(f"fastmix.{op}: {mismatch}; or set FASTMIX_BACKEND=torch for the reference.")
             raise RuntimeError(
                 f"fastmix.{op}: the C++ extension fastmix._C is not built{extension_error('fastmix._C')}. "
                 f"Build it with: {BUILD_HINT}; or set FASTMIX_BACKEND=torch for the reference."
             )
+        cap_error = _cpu_capability_error()
+        if cap_error is not None:
+            raise RuntimeError(f"fastmix.{op}: {cap_error} (or set FASTMIX_BACKEND=torch for the reference)")
     elif name == "cuda":
         if op not in CUDA_OPS:
             raise RuntimeError(f"fastmix.{op}: the cuda backend implements {', '.join(CUDA_OPS)} only; use triton or torch")

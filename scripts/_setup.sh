@@ -11,8 +11,16 @@ fastmix_setup() {
     # torch first, pinned: a bare `pip install torch` would pull a multi-GB CUDA build (on these machines
     # 2.13.0 resolves to the CPU wheel on disk); fastmix's build step compiles against whatever is here.
     "${PIP[@]}" "torch==2.13.0"
-    "${PIP[@]}" "setuptools>=64" wheel "ninja==1.13.2" "pybind11==3.1.0" numpy "$@"
+    # setuptools >= 77: pyproject.toml's SPDX license string (PEP 639).
+    "${PIP[@]}" "setuptools>=77" wheel "ninja==1.13.2" "pybind11==3.1.0" numpy "$@"
     # --no-build-isolation: build against the torch installed above, not a fresh one in an isolated env.
     "${PIP[@]}" --no-build-isolation -e .
-    "$PYTHON" -c 'import torch, fastmix; print(f"[fastmix] torch {torch.__version__}, fastmix {fastmix.__version__}, backends on cpu: {fastmix.available_backends()}")'
+    "$PYTHON" - <<'EOF'
+import torch, fastmix
+try:
+    cap = fastmix.cpu_capability()  # the instruction set the C++ kernels chose (FASTMIX_CPU_CAPABILITY overrides)
+except RuntimeError as e:
+    cap = f"unusable: {e}"
+print(f"[fastmix] torch {torch.__version__}, fastmix {fastmix.__version__}, backends on cpu: {fastmix.available_backends()}, cpu capability: {cap}")
+EOF
 }

@@ -3,6 +3,7 @@
 // double inputs) with one thread per group of tile rows. Block 8 (the one every op of fastmix uses) has
 // its own kernel: each tile row is one 8-lane vector (vec8.h), 2 x 64 vector FMAs per tile; other block
 // sizes take the generic scalar loops.
+// Compiled once per CPU capability (capability.h); dispatch.cpp registers the op.
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -13,9 +14,14 @@
 #include <type_traits>
 #include <vector>
 
-#include "vec8.h"
+#include "kernels.h"
+#include "vec8.h"  // last: opens and closes its own target region (capability.h)
 
+FASTMIX_DECLARE_CPU_KERNELS(FASTMIX_CAP_NS)
+
+FASTMIX_CPU_TARGET_BEGIN
 namespace fastmix {
+namespace FASTMIX_CAP_NS {
 namespace {
 
 template <typename acc_t>
@@ -100,6 +106,8 @@ void block_dct8_kernel(const scalar_t* x, scalar_t* y, int64_t planes, int64_t H
   });
 }
 
+}  // namespace
+
 at::Tensor block_dct_cpu(const at::Tensor& x_in, int64_t block, bool inverse) {
   TORCH_CHECK(x_in.dim() >= 2, "block_dct: x must have at least 2 dims");
   TORCH_CHECK(block >= 1, "block_dct: block must be >= 1");
@@ -120,8 +128,6 @@ at::Tensor block_dct_cpu(const at::Tensor& x_in, int64_t block, bool inverse) {
   return y;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastmix, CPU, m) { m.impl("block_dct", &block_dct_cpu); }
-
+}  // namespace FASTMIX_CAP_NS
 }  // namespace fastmix
+FASTMIX_CPU_TARGET_END

@@ -6,7 +6,7 @@
 //                so the upsampled image never exists.
 // Per-image weights mix the patches first and transform once (the DCT is linear); per-frequency
 // weights transform each partner and weight the coefficients. All transforms are 8-wide loops that the
-// compiler vectorises (-O3 -march=native), one task per (m, c, block row) in the forward, per (n, c) in
+// compiler vectorises (-O3, once per CPU capability: capability.h; dispatch.cpp registers the ops), one task per (m, c, block row) in the forward, per (n, c) in
 // the x backward (deterministic: partners are gathered through an inverse index, no atomics) and per m
 // in the weight backward.
 #include <ATen/Dispatch.h>
@@ -19,9 +19,14 @@
 #include <vector>
 
 #include "../sign.h"
-#include "vec8.h"
+#include "kernels.h"
+#include "vec8.h"  // last: opens and closes its own target region (capability.h)
 
+FASTMIX_DECLARE_CPU_KERNELS(FASTMIX_CAP_NS)
+
+FASTMIX_CPU_TARGET_BEGIN
 namespace fastmix {
+namespace FASTMIX_CAP_NS {
 namespace {
 
 constexpr int64_t BS = 8;   // block side
@@ -302,6 +307,8 @@ at::ScalarType acc_type_of(at::ScalarType) {
   return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
 }
 
+}  // namespace
+
 at::Tensor mix_fwd_cpu(const at::Tensor& x_in, const at::Tensor& index_in, const at::Tensor& weight_in,
                        const at::Tensor& pos_in, int64_t n_kept, int64_t seed, bool use_seed, bool pixels,
                        const at::Tensor& row_mat, const at::Tensor& row_start, const at::Tensor& col_mat,
@@ -334,6 +341,8 @@ at::Tensor mix_fwd_cpu(const at::Tensor& x_in, const at::Tensor& index_in, const
   });
   return out;
 }
+
+namespace {
 
 // ------------------------------------------------------------------------------------------------
 // Backward
@@ -468,6 +477,8 @@ void mix_backward_w_kernel(const Problem& p, const g_t* grad, const in_t* x, con
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> mix_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                const at::Tensor& index_in, const at::Tensor& weight_in,
                                                const at::Tensor& pos_in, int64_t seed, bool use_seed, bool pixels,
@@ -519,11 +530,6 @@ std::tuple<at::Tensor, at::Tensor> mix_bwd_cpu(const at::Tensor& grad_in, const 
   return {gx, gw};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastmix, CPU, m) {
-  m.impl("mix_fwd", &mix_fwd_cpu);
-  m.impl("mix_bwd", &mix_bwd_cpu);
-}
-
+}  // namespace FASTMIX_CAP_NS
 }  // namespace fastmix
+FASTMIX_CPU_TARGET_END
