@@ -62,6 +62,15 @@ DEFAULTS: dict = {
         "dctdp_sensitivity": 1.0,
         "eval_mix": False,  # mix test faces too (k=1 when False: masked, not mixed)
         "global_partners": False,  # DDP: draw partners from the global batch across ranks
+        # Stream-attack options of the mixing defences (issue 15; training/defences.py, privacy/DEFENCES.md):
+        "mix_weights": "image",  # image: one weight per partner | frequency: a weight row per DCT frequency
+        "noise": "none",  # none | gaussian | laplace: added to every released coefficient after mixing
+        "noise_scale": 0.0,  # noise std / scale as a multiple of each frequency's coefficient range
+        "partners": "batch",  # batch | pool: partners from a public face pool the client holds
+        "self_partner": True,  # false: a partner is never the face itself (fastmix.sample_partners allows it)
+        "pool": "lfw",  # partners=pool: which public faces (LFW people with < 10 images)
+        "pool_size": 2000,  # ... how many of them
+        "sign_key": "coefficient",  # with sign_flip: coefficient (one-time key) | channel | block
     },
     "model": {
         "arch": "small",  # small | iresnet18 | iresnet34 | iresnet50
@@ -215,7 +224,7 @@ def check_values(cfg: dict) -> None:
     from fastmix.samplers import LAWS
 
     from .data import LOADERS
-    from .defences import NAMES
+    from .defences import MIX_WEIGHTS, NAMES, NOISES, PARTNERS, POOLS, SIGN_KEYS
     from .loss import HEADS
     from .model import LAYERS
 
@@ -228,7 +237,7 @@ def check_values(cfg: dict) -> None:
                      ("defence.k", 1), ("data.train_per_id", 1), ("data.val_per_id", 0), ("data.max_identities", 1),
                      ("data.max_per_id", 1), ("data.val_identities", 0), ("data.test_identities", 0),
                      ("data.synthetic_ids", 1), ("data.synthetic_per_id", 1), ("model.embedding", 1),
-                     ("policy.hidden", 1), ("train.threads", 1)):
+                     ("policy.hidden", 1), ("train.threads", 1), ("defence.pool_size", 1)):
         if flat[key] is not None and flat[key] < low:
             raise ValueError(f"config key {key!r} must be >= {low}, got {flat[key]!r}")
     for key, lo, hi in (("eval.far", 0.0, 1.0), ("policy.target_acc", 0.0, 1.0)):
@@ -238,7 +247,8 @@ def check_values(cfg: dict) -> None:
         raise ValueError(f"config key 'policy.explore' must be in [0, 1), got {flat['policy.explore']!r}")
     for key, choices in (("train.schedule", ("cosine", "constant")), ("train.optimizer", ("sgd", "adamw")),
                          ("train.amp", ("bf16", "fp16", "off")), ("train.device", ("auto", "cpu", "cuda")),
-                         ("defence.name", NAMES), ("defence.law", LAWS), ("defence.partialface_eval", ("random", "all")),
+                         ("defence.name", NAMES), ("defence.mix_weights", MIX_WEIGHTS), ("defence.noise", NOISES),
+                         ("defence.partners", PARTNERS), ("defence.sign_key", SIGN_KEYS), ("defence.pool", POOLS), ("defence.law", LAWS), ("defence.partialface_eval", ("random", "all")),
                          ("model.arch", (*LAYERS, "small", "tiny")), ("head.type", HEADS),
                          ("data.kind", tuple(LOADERS)), ("data.color", ("grey", "rgb"))):
         if flat[key] not in choices:
@@ -270,6 +280,10 @@ def check_values(cfg: dict) -> None:
     for key in ("train.momentum", "model.dropout", "policy.baseline_momentum", "policy.loss_momentum"):
         if not 0.0 <= flat[key] < 1.0:
             raise ValueError(f"config key {key!r} must be in [0, 1), got {flat[key]!r}")
+    if flat["defence.noise_scale"] < 0:
+        raise ValueError(f"config key 'defence.noise_scale' must be >= 0, got {flat['defence.noise_scale']!r}")
+    if flat["defence.noise"] != "none" and flat["defence.noise_scale"] == 0:  # a noise defence that adds nothing
+        raise ValueError(f"config key 'defence.noise_scale' must be > 0 with defence.noise={flat['defence.noise']!r}")
     if not 0.0 < flat["defence.upper"] <= 1.0:  # the largest mixing weight of a face
         raise ValueError(f"config key 'defence.upper' must be in (0, 1], got {flat['defence.upper']!r}")
     # The margin: CosFace subtracts m from a cosine in [-1, 1] (m >= 1 leaves no target logit above any other);

@@ -18,6 +18,23 @@ the partner labels (M, k) and weights (M, k) of the mixed-label loss (k = 1, wei
     adaptive     hybrid mask whose k comes from the strategy network (policy.py), per batch or per sample:
                  HybridMask(max k) with a per-sample k tensor (unused partners padded with zero weight).
 
+Stream-attack options of the mixing defences (hybrid / adaptive / instahide; issue 15; S5 is
+``training/privacy/stream.py``). Defaults reproduce the plain hybrid mask:
+
+    mix_weights   "image": one weight per partner (M, k); "frequency": an independent weight row per DCT
+                  frequency (M, k, 64), so no single mixing matrix holds for the whole stream (the loss gets
+                  the frequency-mean weights).
+    noise         "none" | "gaussian" | "laplace": noise added to every released coefficient after mixing, std
+                  (Gaussian) or scale (Laplace) ``noise_scale`` x the coefficient range of its frequency
+                  (``coefficient_range``): a data-independent scale, so a per-release DP bound exists
+                  (``dp_bound``).
+    partners      "batch": partners from the batch (``self_partner`` false: never the face itself);
+                  "pool": every partner from a public face pool held by the client (``pool``, ``pool_size``
+                  faces), InstaHide's cross-dataset mode; pool partners carry no label (loss weight 0, the
+                  private weights renormalised), so the server learns nothing about them.
+    sign_key      with ``sign_flip``: "coefficient" (fastmix's one-time key per coefficient), "channel" (one
+                  sign per output and channel) or "block" (one sign per output and 8x8 block position).
+
 Test-time encoding (``encode_eval``) keeps each defence's masking (keep set, noise, sign flip, subsets) but does
 not mix unless ``defence.eval_mix`` is set: a query face is not blended with other people's faces at
 inference. Its randomness comes from a separate generator so evaluation never moves the training streams.
@@ -26,6 +43,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -33,6 +53,11 @@ from torch import nn
 import fastmix
 from fastmix.nn import HybridMask, keep_ids
 
+MIX_WEIGHTS = ("image", "frequency")
+NOISES = ("none", "gaussian", "laplace")
+PARTNERS = ("batch", "pool")
+SIGN_KEYS = ("coefficient", "channel", "block")
+POOLS = ("lfw",)
 NAMES = ("none", "freq", "ppfr", "partialface", "dctdp", "instahide", "hybrid", "adaptive")
 FREQS = 64
 
@@ -195,6 +220,78 @@ class Mixing(Defence):
         # Partners drawn from the global batch (DDP): one permutation stream shared by every rank (same seed
         # on all ranks), so each rank computes only its own rows of the same global mix.
         self.partner_generator = torch.Generator(device=device).manual_seed(int(cfg.get("_base_seed", seed)) + 104729)
+        # issue 15's stream-attack options (module docstring); .get: configs built before them still load
+        self.mix_weights = cfg.get("mix_weights", "image")
+        self.noise = cfg.get("noise", "none")
+        self.noise_scale = float(cfg.get("noise_scale", 0.0))
+        self.partners = cfg.get("partners", "batch")
+        self.self_partner = bool(cfg.get("self_partner", True))
+        self.sign_key = cfg.get("sign_key", "coefficient")
+        self.pool = load_pool(cfg.get("pool", "lfw"), self.size, int(cfg.get("pool_size", 2000)), seed=int(cfg.get("_base_seed", seed)),
+                              channels=channels) if self.partners == "pool" else None
+        sigma = coefficient_range()[torch.tensor([i % FREQS for i in (self.ids or range(channels * FREQS))])]
+        self.register_buffer("sigma", (self.noise_scale * sigma).float().view(1, -1, 1, 1), persistent=False)
+
+    def custom(self) -> bool:
+        """True when a stream-attack option is set: the draws and the op run here, not in HybridMask."""
+        return (self.mix_weights != "image" or self.noise != "none" or self.partners != "batch" or not self.self_partner
+                or (self.sign_flip() and self.sign_key != "coefficient"))
+
+    def _encode(self, x, y, k, gen, mix: bool = True) -> Masked:
+        """Partners (batch without self, or the client's pool), weights (per image or per frequency), the fused
+        frontend, then noise and channel / block signs. ``mix`` False: each face alone (test time)."""
+        n, kmax = x.shape[0], (self.k if mix else 1)
+        dev = gen.device
+        own = torch.arange(n, device=dev).view(n, 1)
+        xs = x
+        if kmax == 1:
+            index = own
+        elif self.partners == "pool":
+            pick = torch.randint(self.pool.shape[0], (n * (kmax - 1),), generator=gen, device=dev)
+            px = self.pool[pick.cpu()].to(x.device).float().div(127.5).sub(1.0)
+            flip = (torch.rand(n * (kmax - 1), generator=gen, device=dev) < 0.5).to(x.device).view(-1, 1, 1, 1)
+            xs = torch.cat([x, torch.where(flip, px.flip(-1), px)])  # pool faces mirrored like the batch's
+            index = torch.cat([own, n + torch.arange(n * (kmax - 1), device=dev).view(n, kmax - 1)], 1)
+        else:
+            index = fastmix.sample_partners(n, kmax, generator=gen)
+            if not self.self_partner:
+                index = no_self(index, gen)
+        active = None if (k is None or not mix) else k.to(dev)
+        law, up, al = self.cfg["law"], float(self.cfg["upper"]), float(self.cfg["alpha"])
+        if self.mix_weights == "frequency" and kmax > 1:
+            act = None if active is None else active.repeat_interleave(FREQS)
+            w = fastmix.sample_weights(n * FREQS, kmax, law, up, al, generator=gen, active=act)
+            w = w.view(n, FREQS, kmax).permute(0, 2, 1).contiguous()  # (M, k, 64)
+            loss_w = w.mean(2)  # rows still sum to 1: the label mix of the average frequency
+        else:
+            w = fastmix.sample_weights(n, kmax, law, up, al, generator=gen, active=active) if kmax > 1 \
+                else torch.ones(n, 1, device=dev)
+            loss_w = w
+        coef_key = self.sign_flip() and self.sign_key == "coefficient"
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=dev).item()) if coef_key else None
+        z = self.frontend(xs, keep=self.ids, index=index.to(x.device), weight=w.to(x.device), seed=seed)
+        z = self._noisy(z, gen)
+        if self.sign_flip() and self.sign_key != "coefficient":
+            shape = (n, z.shape[1], 1, 1) if self.sign_key == "channel" else (n, 1, z.shape[2], z.shape[3])
+            key = torch.randint(0, 2, shape, generator=gen, device=dev).to(z.device, z.dtype) * 2 - 1
+            z = z * key
+        labels = y[index.clamp_max(n - 1).to(y.device)]
+        if self.partners == "pool" and kmax > 1:
+            # pool faces have no label here: the loss sees the private face only (weight 1, the others 0)
+            labels = y.view(n, 1).expand(n, kmax).clone()
+            loss_w = torch.zeros(n, kmax, device=dev)
+            loss_w[:, 0] = 1.0
+        return Masked(z, labels, loss_w.to(x.device))
+
+    def _noisy(self, z, gen):
+        if self.noise == "none" or self.noise_scale == 0.0:
+            return z
+        if self.noise == "gaussian":
+            e = torch.randn(z.shape, generator=gen, device=gen.device)
+        else:  # Laplace(0, 1) = E1 - E2, E exponential(1), from our generator (resumable)
+            u = torch.rand((2,) + tuple(z.shape), generator=gen, device=gen.device)
+            e = torch.log(u[0].clamp_min(1e-12)) - torch.log(u[1].clamp_min(1e-12))
+        return z + self.sigma.to(z.device, z.dtype) * e.to(z.device, z.dtype)
 
     def max_k(self) -> int:
         return int(self.cfg["k"])
@@ -215,6 +312,9 @@ class Mixing(Defence):
         elif isinstance(k, int):
             k = torch.full((n,), k, dtype=torch.int64)
         k = k.to(self.generator.device)
+        if self.custom():
+            # the stream-attack options run single-process (the global-batch path draws through HybridMask)
+            return self._encode(x, y, k, self.generator)
         if self.cfg["global_partners"] and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return self._global(x, y, k)
         masked, labels, weights = self.mask(x, y, k=k)
@@ -242,6 +342,9 @@ class Mixing(Defence):
     def encode_eval(self, x, generator):
         """Test-time encoding: the same keep set and sign flips, partners only with ``defence.eval_mix``."""
         n = x.shape[0]
+        if self.custom():
+            y = torch.zeros(n, dtype=torch.int64, device=x.device)
+            return self._encode(x, y, None, generator, mix=bool(self.cfg["eval_mix"])).x
         if self.cfg["eval_mix"]:
             p = self.mask.plan(n, generator=generator)
         else:  # each face alone (k = 1, weight 1)
@@ -271,6 +374,114 @@ class Adaptive(Mixing):
 
     def max_k(self):
         return int(max(self.cfg["k_choices"]))
+
+
+def no_self(index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Partner index (M, k) whose partner columns 1.. never hold the row itself: each fixed point of a column's
+    permutation is swapped with a random other row of that column (still a permutation). fastmix's
+    sample_partners allows them: at k = 2 about 60 % of ORL training faces appeared unmixed at least once in
+    a 120-step stream (measured by the lead), a free unmixed copy for the server."""
+    n = index.shape[0]
+    if n < 2:
+        return index
+    index = index.clone()
+    rows = torch.arange(n, device=index.device)
+    for j in range(1, index.shape[1]):
+        while True:
+            fixed = (index[:, j] == rows).nonzero().flatten()
+            if fixed.numel() == 0:
+                break
+            i = int(fixed[0])
+            r = (i + 1 + int(torch.randint(n - 1, (1,), generator=gen, device=gen.device))) % n
+            index[i, j], index[r, j] = index[r, j].clone(), index[i, j].clone()
+    return index
+
+
+def coefficient_range() -> torch.Tensor:
+    """(64,) float64: the range (max - min) of each 8x8 block-DCT coefficient over images in [0, 255]:
+    255 x sum |basis(u, v)| (the DC's is 8 x 255; fastmix's DCT is orthonormal). A face replaced by any
+    other moves a coefficient by at most this, times its mixing weight: the sensitivity the noise scale is
+    calibrated to, so the scale is data-independent and the DP bound (``dp_bound``) holds."""
+    d = fastmix.dct_matrix(8).double()
+    basis = d.view(8, 1, 8, 1) * d.view(1, 8, 1, 8)  # (u, v, i, j)
+    return 255.0 * basis.abs().sum((2, 3)).flatten()
+
+
+def dp_bound(noise: str, scale: float, upper: float, coefficients: int, releases: int = 1, delta: float = 1e-5) -> dict:
+    """Per-release (and per-run, ``releases`` releases of one face) DP bound of the mixing + noise defence for
+    one face replaced by any other (add/remove is not the protocol's unit). A face's weight in a coefficient is
+    at most ``upper``, its coefficient moves by at most its range, the noise is ``scale`` x that range:
+    Laplace: eps = coefficients x upper / scale (L1 over the release's coefficients; basic composition
+    over releases); Gaussian: mu-GDP with mu = upper sqrt(coefficients) / scale (Dong et al. 2019;
+    sqrt(releases) over a run), eps at ``delta`` from the GDP-to-(eps, delta) curve."""
+    if noise == "none" or scale <= 0:
+        return {"eps_release": math.inf, "eps_run": math.inf, "delta": 0.0}
+    if noise == "laplace":
+        e = coefficients * upper / scale
+        return {"eps_release": e, "eps_run": e * releases, "delta": 0.0}
+    mu = upper * math.sqrt(coefficients) / scale
+    return {"mu_release": mu, "eps_release": gdp_eps(mu, delta), "eps_run": gdp_eps(mu * math.sqrt(releases), delta),
+            "delta": delta}
+
+
+def gdp_eps(mu: float, delta: float) -> float:
+    """The smallest eps with delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) <= delta (bisection;
+    log-space tails: mu is in the hundreds for any useful noise)."""
+    def log_phi(t):  # log Phi(t), stable for very negative t
+        return math.log(0.5 * math.erfc(-t / math.sqrt(2))) if t > -30 else -t * t / 2 - math.log(-t * math.sqrt(2 * math.pi))
+
+    def dlt(e):
+        a, b = log_phi(-e / mu + mu / 2), e + log_phi(-e / mu - mu / 2)
+        return math.exp(a) - math.exp(b) if a > b else 0.0
+
+    lo, hi = 0.0, 1.0
+    while dlt(hi) > delta:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if dlt(mid) > delta else (lo, mid)
+    return hi
+
+
+_POOLS: dict = {}
+
+
+def load_pool(name: str, size: int, count: int, seed: int, channels: int = 1) -> torch.Tensor:
+    """The client's public partner pool (count, C, size, size) uint8, never sent to the server.
+
+    "lfw": LFW images of people with fewer than 10 images (the privacy split draws LFW victims from people
+    with >= 10, so no victim is in the pool; ORL victims are other people by construction), centre 128x128
+    as training/configs/lfw_cpu.yaml, ``count`` of them drawn by ``seed``. Cached in memory and under
+    out/cache (decoding thousands of JPEGs takes a while on 2 cores)."""
+    if name not in POOLS:
+        raise ValueError(f"defence.pool must be one of {POOLS}, got {name!r}")
+    key = (name, size, count, seed, channels)
+    if key in _POOLS:
+        return _POOLS[key]
+    from .config import project_root
+    from .data import data_root, decode_image
+
+    cache = project_root() / "out" / "cache" / f"pool_{name}_{size}_{count}_{seed}_{channels}.pt"
+    if cache.is_file():
+        faces = torch.load(cache, weights_only=True)
+    else:
+        root = data_root() / "lfw"
+        if not root.is_dir():
+            raise FileNotFoundError(f"defence.partners=pool needs LFW at {root} (see ../shared/data/DATA.md)")
+        files = []
+        for person in sorted(p for p in root.iterdir() if p.is_dir()):
+            imgs = sorted(person.iterdir())
+            if len(imgs) < 10:
+                files += imgs
+        g = torch.Generator().manual_seed(seed + 31337)
+        pick = torch.randperm(len(files), generator=g)[:count].tolist()
+        color = "grey" if channels == 1 else "rgb"
+        out = [decode_image(Path(files[i]).read_bytes(), color, size, 128, str(files[i])) for i in pick]
+        faces = torch.stack([f for f in out if f is not None])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(faces, cache)
+    _POOLS[key] = faces
+    return faces
 
 
 CLASSES = {

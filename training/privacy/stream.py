@@ -94,6 +94,21 @@ class StreamRecorder:
 # ----------------------------------------------------------------------------------------------------
 
 
+def top_right_singular(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and right singular vectors (rows) of z (T, D), from the eigendecomposition
+    of the smaller Gram matrix: LAPACK's SVD of a tall stream failed to converge on an ill-conditioned one
+    (40,000 x 1,008, N = 500 LFW faces; "too many repeated singular values"), eigh does not, and the D x D Gram
+    is cheaper when T >> D."""
+    if z.shape[0] >= z.shape[1]:
+        ev, v = torch.linalg.eigh(z.t() @ z)
+        ev, v = ev.flip(0).clamp_min(0), v.flip(1)
+        return ev.sqrt(), v.t()
+    ev, u = torch.linalg.eigh(z @ z.t())
+    ev, u = ev.flip(0).clamp_min(0), u.flip(1)
+    s = ev.sqrt()
+    return s, (u.t() @ z) / s.clamp_min(s[0] * 1e-12).view(-1, 1)
+
+
 def fast_ica(y: torch.Tensor, iters: int = 200, tol: float = 1e-5, seed: int = 0) -> torch.Tensor:
     """Symmetric FastICA (Hyvarinen 1999, log-cosh contrast) on whitened signals y (r, D): returns the
     orthogonal unmixing matrix (r, r) whose rows make w @ y maximally non-Gaussian over the D samples.
@@ -104,8 +119,8 @@ def fast_ica(y: torch.Tensor, iters: int = 200, tol: float = 1e-5, seed: int = 0
     for _ in range(iters):
         s = torch.tanh(w @ y)
         w_new = (s @ y.t()) / d - (1 - s * s).mean(1, keepdim=True) * w
-        u, _, vt = torch.linalg.svd(w_new)  # symmetric decorrelation: (W W^T)^(-1/2) W
-        w_new = u @ vt
+        ev, q = torch.linalg.eigh(w_new @ w_new.t())  # symmetric decorrelation: (W W^T)^(-1/2) W
+        w_new = (q * ev.clamp_min(1e-12).rsqrt()) @ q.t() @ w_new
         done = float((torch.abs((w_new * w).sum(1)) - 1).abs().max()) < tol
         w = w_new
         if done:
@@ -162,7 +177,7 @@ def unmix_blind(z: torch.Tensor, sources: int, k: int, *, rounds: int = 8, ica_i
     and least-squares sources, and the scale from "weights sum to 1"."""
     z = z.double()
     r = int(min(sources, z.shape[0], z.shape[1]))
-    _, s, vt = torch.linalg.svd(z, full_matrices=False)
+    s, vt = top_right_singular(z)
     r = int(min(r, int((s > s[0] * 1e-6).sum())))
     y = vt[:r] * math.sqrt(z.shape[1])  # whitened signal space (rows orthonormal up to sqrt(D))
     w = fast_ica(y.float(), iters=ica_iters, seed=seed).double()
@@ -689,3 +704,54 @@ def pool_debias(sources: torch.Tensor, mean_face: torch.Tensor, own_weight: floa
     """Partners from a public pool: a face's repeats average to w x + (1 - w) mu (mu the pool's mean face,
     which the attacker estimates from its own faces); remove that bias: (s - (1 - w) mu) / w."""
     return (sources - (1 - own_weight) * mean_face.view(1, -1)) / own_weight
+
+
+def group_rows(z: torch.Tensor, sources: int, own_labels: torch.Tensor | None = None,
+               per_identity: dict[int, int] | None = None, seed: int = 0) -> torch.Tensor:
+    """The row groups of ``average_repeats`` (T,): k-means over the stream (blind) or within each known
+    identity (informed)."""
+    if own_labels is None:
+        return kmeans_cosine(z, sources, seed=seed)
+    group = torch.empty(z.shape[0], dtype=torch.long)
+    base = 0
+    for y, need in sorted(per_identity.items()):
+        rows = (own_labels == y).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        a = kmeans_cosine(z[rows], max(1, need), seed=seed + y)
+        group[rows] = a + base
+        base += int(a.max()) + 1
+    return group
+
+
+def unmix_known_pool(z: torch.Tensor, group: torch.Tensor, candidates: torch.Tensor, k: int, *, iters: int = 2,
+                     chunk: int = 256) -> torch.Tensor:
+    """The pool is public and the attacker holds a superset of it (``candidates`` (P, D), unmixed encodings
+    of every face the pool may draw, mirrors included): per row, the current estimate of its own face
+    (its group's mean) is projected out, the k-1 pool faces that best explain the residual are picked
+    greedily, the row's weights are solved by least squares, the pool faces subtracted and the cleaned rows
+    averaged per group again. Returns the group sources (G, D) of the last iteration."""
+    z = z.double()
+    cand = candidates.double()
+    cn = F.normalize(cand, dim=1)
+    src = group_average(z.float(), group).double()
+    for _ in range(iters):
+        clean = torch.empty_like(z)
+        for i in range(0, z.shape[0], chunk):
+            zz, xs = z[i : i + chunk], src[group[i : i + chunk]]
+            atoms = [xs]
+            resid = zz - (zz * xs).sum(1, keepdim=True) / (xs * xs).sum(1, keepdim=True).clamp_min(1e-12) * xs
+            for _ in range(k - 1):
+                j = (resid @ cn.t()).argmax(1)
+                atoms.append(cand[j])
+                a = torch.stack(atoms, 1)  # (n, j, D)
+                gram = a @ a.transpose(1, 2) + 1e-6 * torch.eye(a.shape[1], dtype=z.dtype)
+                coef = torch.linalg.solve(gram, (a @ zz.unsqueeze(2))).squeeze(2)  # (n, j)
+                resid = zz - (coef.unsqueeze(2) * a).sum(1)
+            if k == 1:
+                clean[i : i + chunk] = zz
+                continue
+            own = coef[:, :1].clamp_min(1e-3)
+            clean[i : i + chunk] = (zz - (coef[:, 1:].unsqueeze(2) * a[:, 1:]).sum(1)) / own
+        src = group_average(clean.float(), group).double()
+    return src.float()
