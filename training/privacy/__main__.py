@@ -51,7 +51,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="per-run folder (default out/privacy)")
     ap.add_argument("--reuse", action="store_true", help="reuse <work>/<set>_s<seed>/run.json where it exists, and "
                     "the finished defences of an interrupted seed (<work>/<set>_s<seed>/rows/)")
+    ap.add_argument("--report-only", action="store_true", help="with --reuse: the report from the finished seeds' run.json "
+                    "only (a seed without one is left out and named), running nothing")
     a = ap.parse_args(argv)
+    if a.report_only and not a.reuse:
+        ap.error("--report-only needs --reuse")
     for s_ in a.sets:
         if s_ not in ("orl", "lfw") and not (s_.startswith("folder:") and len(s_) > len("folder:")):
             ap.error(f"--sets: unknown set {s_!r}; use orl, lfw or folder:PATH")
@@ -85,6 +89,9 @@ def main(argv=None) -> int:
         for seed in a.seeds:
             rdir = work / f"{tag}_s{seed}"
             r = json.loads((rdir / "run.json").read_text()) if a.reuse and (rdir / "run.json").exists() else None
+            if a.report_only and r is None:
+                print(f"[privacy] --report-only: no {rdir / 'run.json'}; {s} seed {seed} left out of the report")
+                continue
             if a.reuse and r is None:
                 print(f"[privacy] --reuse: no {rdir / 'run.json'}; running {s} seed {seed}")
             if r is not None and not _same_request(r, defs, scenarios, BUDGETS[a.budget]):
@@ -100,6 +107,9 @@ def main(argv=None) -> int:
                     print(f"[privacy] {s}: {e}", file=sys.stderr)
                     return 2
             runs.append(r)
+        if not runs:
+            print(f"[privacy] {s}: no finished seed to report", file=sys.stderr)
+            return 2
         wall = sum(r["info"]["wall_s"] for r in runs)
         t_all += wall
         agg = report.aggregate(runs)
@@ -109,7 +119,7 @@ def main(argv=None) -> int:
         judges = {n: {**j, "rank1": report._ms([r["info"]["judges"][n]["rank1"] for r in runs])}
                   for n, j in runs[0]["info"].get("judges", {}).items()}
         info = {"split_name": tag, "victims": runs[0]["info"].get("victims", len(runs[0]["info"]["split"]["victims"])),
-                "seeds": a.seeds, "machine": run_mach, "wall_s": wall, "judges": judges, "budget": runs[0]["info"]["budget"],
+                "seeds": [r["info"]["seed"] for r in runs], "machine": run_mach, "wall_s": wall, "judges": judges, "budget": runs[0]["info"]["budget"],
                 "split": runs[0]["info"]["split"]}
         md = report.markdown(agg, info, cl)
         d = out / tag
@@ -117,7 +127,7 @@ def main(argv=None) -> int:
         (d / "table.md").write_text(md)
         (d / "table.json").write_text(json.dumps({"info": info, "command": command, "aggregate": agg, "claim": cl,
                                                   "runs": [{k: v for k, v in r.items() if k != "images"} for r in runs]}, indent=1, default=str))
-        report.frontier_plot(agg, d / "frontier.png", f"{tag.upper()}: FR accuracy vs worst-case identity leak (seeds {a.seeds})")
+        report.frontier_plot(agg, d / "frontier.png", f"{tag.upper()}: FR accuracy vs worst-case identity leak (seeds {info['seeds']})")
         report.image_grid(runs[0]["images"], d / "grid.png")
         sections.append((tag, md))
         summary["sets"][tag] = {"wall_s": wall, "claim": cl["verdict"], "judge_agreement": report.judge_agreement(agg)}
