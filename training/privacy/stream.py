@@ -324,18 +324,7 @@ def average_repeats(z: torch.Tensor, sources: int, own_labels: torch.Tensor | No
                     per_identity: dict[int, int] | None = None, seed: int = 0) -> torch.Tensor:
     """Repeat averaging for unmixed encodings: blind, k-means over the whole stream with ``sources``
     clusters; informed (own_labels (T,) and per_identity), k-means within each identity. Returns (G, D)."""
-    if own_labels is None:
-        return group_average(z, kmeans_cosine(z, sources, seed=seed))
-    group = torch.empty(z.shape[0], dtype=torch.long)
-    base = 0
-    for y, need in sorted(per_identity.items()):
-        rows = (own_labels == y).nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        a = kmeans_cosine(z[rows], max(1, need), seed=seed + y)
-        group[rows] = a + base
-        base += int(a.max()) + 1
-    return group_average(z, group)
+    return group_average(z, group_rows(z, sources, own_labels, per_identity, seed))
 
 
 # ----------------------------------------------------------------------------------------------------
