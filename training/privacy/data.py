@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from training.data import CachedFaces, DataBundle, IdentSet, _natural_key, data_root, scan_image_folder
+from training.data import CachedFaces, DataBundle, IdentSet, data_root, scan_image_folder
 
 ORL_CROP = 92  # centre 92x92 of the 92x112 face, as training/configs/orl_cpu.yaml
 LFW_CROP = 128  # the face in the unaligned 250x250 image, as training/configs/lfw_cpu.yaml
@@ -238,36 +238,13 @@ def lfw_split(seed: int = 0, size: int = 56, victims: int = 40, per_victim: int 
     }, pool)
 
 
-def readable_extensions() -> set[str]:
-    """File extensions Pillow can open (not only save: PDF / EPS writers are left out)."""
-    from PIL import Image
-
-    Image.init()
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
-def scan_any_images(root: str | os.PathLike) -> list[tuple[str, list[str]]]:
-    """[(identity, sorted image paths)] of ``root/<identity>/<image>`` for every format Pillow reads
-    (training.data.scan_image_folder accepts a fixed list of nine extensions, GIF not among them)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    exts = readable_extensions()
-    out = []
-    for d in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)):
-        files = sorted((str(f) for f in d.iterdir() if f.is_file() and f.suffix.lower() in exts), key=_natural_key)
-        if files:
-            out.append((d.name, files))
-    return out
-
-
 def folder_split(root: str | os.PathLike, seed: int = 0, size: int = 56, victims: int = 20, per_victim: int = 10,
                  attacker_images: int = 600, judge_root: Path | None = None) -> Split:
     """A user's face folder (one sub-folder per identity): the rules of the module docstring.
 
     Raises ValueError (one line: the set, what it has, what it needs) when it cannot be split."""
     name = f"folder:{root}"
-    people = scan_any_images(root)
+    people = scan_image_folder(root)  # every format Pillow reads; a missing or empty folder is a one-line DataError
     eligible = [i for i, (_, fs) in enumerate(people) if len(fs) >= FOLDER_MIN_PER_VICTIM]
     # at most half of the people are victims, so the attacker always has as many people as the victims
     n_vic = min(victims, len(eligible), len(people) // 2)

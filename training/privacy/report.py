@@ -127,10 +127,9 @@ def claim(runs: list[dict]) -> dict:
 
     r = ST.paired_bootstrap(per, margin)
     per_seed = []
-    for run in runs:
+    for i, run in enumerate(runs):
         rows = {x["defence"]: x for x in run["rows"]}
-        one = {key: [arr[runs.index(run)]] for key, arr in per.items()}
-        m = {key: float(a[0].mean()) for key, a in one.items()}
+        m = {key: float(arr[i].mean()) for key, arr in per.items()}
         per_seed.append({"seed": run["info"]["seed"], "adaptive_accuracy": rows["adaptive"]["accuracy"],
                          "adaptive_leak": leak(m, "adaptive"), "adaptive_k_mean": rows["adaptive"].get("k_mean"),
                          "margin": margin(m)})

@@ -466,7 +466,7 @@ def attack_stream(defence, stream: Stream, rows_per_epoch: int, variant: str, *,
                 _, m = cluster_abs(z[rows], max(1, min(per.get(y, 2), rows.numel())), seed=seed + y)
                 mags.append(m)
             mags = torch.cat(mags)
-        out["images"] = abs_decoder.decode_magnitudes(mags.view((-1,) + tuple(stream.shape)))
+        out["images"] = _decode(abs_decoder, mags.view((-1,) + tuple(stream.shape)))
     return out
 
 
@@ -486,14 +486,10 @@ def train_unmixed_decoder(defence, faces_u8: torch.Tensor, **kw):
 
     def encode(x, g):
         z = enc(x)
-        return Protected(z.view(x.shape[0], *_rep_shape(defence, x)), torch.arange(x.shape[0]), None)
+        c, s = defence.out_shape()
+        return Protected(z.view(x.shape[0], c, s, s), torch.arange(x.shape[0]), None)
 
     return train_decoder(defence, faces_u8, encode=encode, **kw)
-
-
-def _rep_shape(defence, x):
-    c, s = defence.out_shape()
-    return (c, s, s)
 
 
 def simulated_cluster_mean(defence, x: torch.Tensor, generator: torch.Generator, repeats: int = 8) -> torch.Tensor:
@@ -519,9 +515,7 @@ def train_abs_decoder(defence, faces_u8: torch.Tensor, repeats: int = 8, **kw):
     def encode(x, g):
         return Protected(simulated_cluster_mean(defence, x, g, repeats), torch.arange(x.shape[0]), None)
 
-    dec = train_decoder(defence, faces_u8, encode=encode, **kw)
-    dec.decode_magnitudes = lambda mags: _decode(dec, mags)
-    return dec
+    return train_decoder(defence, faces_u8, encode=encode, **kw)
 
 
 @torch.no_grad()
