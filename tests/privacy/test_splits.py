@@ -70,7 +70,7 @@ def test_small_folder_judge_pool_is_lfw_without_the_folders_names(tmp_path):
         with pytest.raises(FileNotFoundError, match="LFW"):
             s.judge_pool
         return
-    assert "George_W_Bush" not in s.judge.identities and s.info["judge_pool"] == "lfw_excl"
+    assert "George_W_Bush" not in s.judge.identities and s.info["judge_pool"] == "lfw_judge_excl"
     _check_disjoint(s)
 
 
@@ -96,15 +96,25 @@ def test_orl_and_lfw_splits_are_three_way_disjoint(orl_root):
 
     if not (data_root() / "lfw").is_dir():
         pytest.skip("LFW not found (see DATA.md)")
-    lfws = [get_split("lfw", seed) for seed in (0, 1)]
+    lfws = [get_split("lfw", seed) for seed in (0, 1, 7)]
     for lfw in lfws:
         assert lfw.num_victims == 40 and lfw.info["victim_train"] == 240 and lfw.info["attacker_images"] >= 600
         _check_disjoint(lfw)
-        assert lfw.judge.num_identities > 5000
-    assert lfws[0].judge.key() != lfws[1].judge.key()  # the pool is the complement of each seed's draw
+        assert lfw.judge.num_identities > 3000
+    # one judge pool for the standard seeds (the judges train once); it holds none of their victims or
+    # attackers, so each standard seed's split is disjoint from it (checked above for 0 and 1)
+    assert lfws[0].judge.key() == lfws[1].judge.key() and lfws[0].info["judge_pool"] == "lfw_judge"
+    from training.privacy.data import JUDGE_SEEDS
+    taken = set()
+    for seed in JUDGE_SEEDS:
+        sp = get_split("lfw", seed)
+        taken |= set(sp.info["victims"]) | set(sp.info["attackers"])
+    assert not taken & set(lfws[0].judge.identities)
+    # a seed outside them also keeps its own people out: another pool
+    assert lfws[2].judge.key() != lfws[0].judge.key() and lfws[2].info["judge_pool"] == "lfw_judge_s7"
     orl = get_split("orl", 0)
     assert orl.num_victims == 20 and orl.info["attacker_images"] == 200
     _check_disjoint(orl)
-    # the ORL judge is cross-dataset: LFW people only, the same pool for every seed
+    # the ORL judge is cross-dataset: LFW people only, the same pool for every seed, and LFW's
     assert Path(orl.judge.root).name == "lfw" and all("orl_faces" not in f for f in orl.judge.files)
-    assert orl.judge.key() == get_split("orl", 1).judge.key()
+    assert orl.judge.key() == get_split("orl", 1).judge.key() == lfws[0].judge.key()

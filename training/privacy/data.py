@@ -9,12 +9,13 @@ Sets (``get_split(name, seed, size)``):
 
 - ``orl``: a seeded half of the 40 people are victims (6 train / 1 val / 3 test images each), the other half
   the attacker's 200 images. ORL has only 40 people, too few to train a judge on a third part, so ORL's
-  judge pool is **LFW** (every LFW person; cross-dataset: ORL's 1992-94 lab volunteers and LFW's news
-  photographs of public figures are different people) and the same for every seed.
+  judge pool is **LFW** (cross-dataset: ORL's 1992-94 lab volunteers and LFW's news photographs of public
+  figures are different people): the same pool as LFW's (below), so one judge grades both sets.
 - ``lfw``: victims = 40 seeded people with >= 10 images (10 of their images, 6 / 1 / 3), attacker = 600
-  images of seeded people with < 10 images; judge pool = every other LFW person (thousands), all of their
-  images. Disjoint by construction: the three parts are drawn from one list of people without replacement.
-  The pool is fixed per seed (it is the complement of that seed's victims and attacker).
+  images of seeded people with < 10 images; judge pool = every LFW person who is neither a victim nor an
+  attacker of any standard seed (``JUDGE_SEEDS`` = 0-4; a seed outside them also excludes its own people),
+  all of their images. Disjoint by construction; one pool for every standard seed, so the judges train once
+  (a judge per seed cost 10-18 min of the evaluation's budget).
 - ``folder:PATH``: PATH holds one sub-folder per identity with images of any format Pillow reads. Victims =
   up to 20 seeded people with >= 4 images (up to 10 used: 60% train, 1 val, the rest test; at least
   2 / 1 / 1, so a template and a held-out probe exist), attacker = other people, in seeded order, until
@@ -44,6 +45,7 @@ SQUARE = 1 << 30  # decode_image crops min(crop, w, h): this is "the centre squa
 FOLDER_MIN_PER_VICTIM = 4  # 2 train (a template and another image for genuine pairs) / 1 val / 1 test
 FOLDER_MIN_VICTIMS = 2  # closed-set identification needs at least two people
 FOLDER_MIN_ATTACKER_IDS = 2
+JUDGE_SEEDS = range(5)  # the standard seeds: their LFW people are kept out of the one shared judge pool
 JUDGE_MIN_IDS = 200  # a folder's own judge pool needs this many people with >= 2 images, else LFW's
 
 
@@ -145,14 +147,15 @@ def _pool(name: str, root: Path, people: list[tuple[str, list[str]]], size: int,
 
 
 def lfw_judge_pool(size: int = 56, root: Path | None = None, exclude: set[str] = frozenset()) -> FacePool:
-    """Every LFW person not named in ``exclude``: the judge pool of sets too small to hold their own
-    (ORL; small folder sets). Centre 128x128 crop, as the LFW split."""
-    root = Path(root) if root else data_root() / "lfw"
-    if not root.is_dir():
-        raise FileNotFoundError(f"the LFW judge pool needs LFW at {root} (set FASTMIX_DATA or provide ../shared/data, see DATA.md)")
-    people = [p for p in scan_image_folder(root) if p[0] not in exclude]
-    note = "LFW (cross-dataset judge)" + (f", {len(exclude)} names excluded" if exclude else "")
-    return _pool("lfw_all" if not exclude else "lfw_excl", root, people, size, LFW_CROP, note)
+    """The judge pool of sets too small to hold their own (ORL; small folder sets): ``lfw_judge_pool_fixed``
+    (the LFW people no standard LFW seed uses, so ORL and LFW are graded by the same judges) minus any person
+    named in ``exclude``. Centre 128x128 crop, as the LFW split."""
+    pool = lfw_judge_pool_fixed(size, root)
+    if not exclude:
+        return pool
+    people = [(n, [f for f, y in zip(pool.files, pool.labels) if y == i]) for i, n in enumerate(pool.identities)
+              if n not in exclude]
+    return _pool("lfw_judge_excl", pool.root, people, size, LFW_CROP, f"{pool.note}, {len(exclude)} names excluded")
 
 
 def _lfw_pool_or_reason(size, root, exclude: set[str] = frozenset()) -> tuple[FacePool | None, str | None]:
@@ -200,37 +203,65 @@ def orl_split(seed: int = 0, size: int = 56, victims: int = 20, root: Path | Non
     }, pool)
 
 
-def lfw_split(seed: int = 0, size: int = 56, victims: int = 40, per_victim: int = 10, attacker_images: int = 600,
-              root: Path | None = None) -> Split:
-    """LFW: victims = ``victims`` people with >= ``per_victim`` images (per_victim of them: 6/1/3 as ORL
-    scaled), attacker = ``attacker_images`` faces of people with fewer images, judge pool = every other
-    person (all of their images). The generator draws exactly as before the judge pool existed, so each
-    seed's victims and attacker are unchanged."""
-    root = Path(root) if root else data_root() / "lfw"
-    people = scan_image_folder(root)
+def _lfw_draw(people, seed: int, victims: int, per_victim: int, attacker_images: int):
+    """One seed's LFW victims (with their image order) and attacker people, drawn from ``people`` (the sorted
+    folder scan) by the seed's generator: the draw every LFW split of that seed makes, in the same order."""
     g = torch.Generator().manual_seed(2000 + seed)
     rich = [p for p in people if len(p[1]) >= per_victim]
     poor = [p for p in people if len(p[1]) < per_victim]
     vic = [rich[i] for i in torch.randperm(len(rich), generator=g)[:victims].tolist()]
+    orders = [torch.randperm(len(files), generator=g)[:per_victim].tolist() for _, files in vic]
+    att, n_att = [], 0
+    for i in torch.randperm(len(poor), generator=g).tolist():
+        att.append(poor[i])
+        n_att += len(poor[i][1])
+        if n_att >= attacker_images:
+            break
+    return vic, orders, att
+
+
+def lfw_judge_pool_fixed(size: int = 56, root: Path | None = None, seed: int | None = None,
+                         victims: int = 40, per_victim: int = 10, attacker_images: int = 600) -> FacePool:
+    """The LFW people who are neither victims nor attackers of any standard LFW seed (``JUDGE_SEEDS``), nor of
+    ``seed``: one judge pool for every standard seed of both ORL and LFW, so the judges train once and grade
+    every seed and set alike. A seed outside ``JUDGE_SEEDS`` also excludes its own people (another pool, a
+    judge of its own)."""
+    root = Path(root) if root else data_root() / "lfw"
+    if not root.is_dir():
+        raise FileNotFoundError(f"the LFW judge pool needs LFW at {root} (set FASTMIX_DATA or provide ../shared/data, see DATA.md)")
+    people = scan_image_folder(root)
+    seeds = sorted(set(JUDGE_SEEDS) | ({seed} if seed is not None else set()))
+    taken: set[str] = set()
+    for s in seeds:
+        vic, _, att = _lfw_draw(people, s, victims, per_victim, attacker_images)
+        taken |= {n for n, _ in vic} | {n for n, _ in att}
+    extra = "" if seed is None or seed in JUDGE_SEEDS else f" and seed {seed}"
+    name = "lfw_judge" if not extra else f"lfw_judge_s{seed}"
+    return _pool(name, root, [p for p in people if p[0] not in taken], size, LFW_CROP,
+                 f"LFW people who are neither victims nor attackers of LFW seeds {min(JUDGE_SEEDS)}-{max(JUDGE_SEEDS)}{extra}")
+
+
+def lfw_split(seed: int = 0, size: int = 56, victims: int = 40, per_victim: int = 10, attacker_images: int = 600,
+              root: Path | None = None) -> Split:
+    """LFW: victims = ``victims`` people with >= ``per_victim`` images (per_victim of them: 6/1/3 as ORL
+    scaled), attacker = ``attacker_images`` faces of people with fewer images, judge pool =
+    ``lfw_judge_pool_fixed`` (the people no standard seed uses; all of their images). Each seed's victims and
+    attacker are drawn exactly as before the judge pool existed."""
+    root = Path(root) if root else data_root() / "lfw"
+    people = scan_image_folder(root)
+    vic, orders, att_people = _lfw_draw(people, seed, victims, per_victim, attacker_images)
     parts = {"train": ([], []), "val": ([], []), "test": ([], [])}
     n_tr, n_va = round(0.6 * per_victim), max(1, round(0.1 * per_victim))
-    for y, (_, files) in enumerate(vic):
-        o = torch.randperm(len(files), generator=g)[:per_victim].tolist()
+    for y, ((_, files), o) in enumerate(zip(vic, orders)):
         for key, sel in (("train", o[:n_tr]), ("val", o[n_tr : n_tr + n_va]), ("test", o[n_tr + n_va :])):
             parts[key][0].extend(files[i] for i in sel)
             parts[key][1].extend([y] * len(sel))
-    af, al, att = [], [], []
-    for y, i in enumerate(torch.randperm(len(poor), generator=g).tolist()):
-        att.append(poor[i][0])
-        for f in poor[i][1]:
-            af.append(f)
-            al.append(y)
-        if len(af) >= attacker_images:
-            break
-    # the judge's people: the complement of victims and attacker (a victim's unused images stay unused)
-    taken = {n for n, _ in vic} | set(att)
-    pool = _pool(f"lfw_s{seed}", root, [p for p in people if p[0] not in taken], size, LFW_CROP,
-                 "LFW people who are neither this seed's victims nor its attacker's")
+    af, al = [], []
+    for y, (_, files) in enumerate(att_people):
+        af += files
+        al += [y] * len(files)
+    att = [n for n, _ in att_people]
+    pool = lfw_judge_pool_fixed(size, root, seed, victims, per_victim, attacker_images)
     tr, va, te = (_faces(*parts[k], size, LFW_CROP) for k in ("train", "val", "test"))
     return Split("lfw", tr, va, te, _faces(af, al, size, LFW_CROP), {
         "set": "lfw", "size": size, "victims": [n for n, _ in vic], "attackers": att, "victim_train": len(tr),
