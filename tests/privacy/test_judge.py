@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from training.privacy import judge as J
 
@@ -77,24 +78,53 @@ def _tiny_pool(tmp_path):
     return pool
 
 
+EMBED_DIM = {"cnn": J.CNN_HPARAMS["embedding"], "cnn2": J.CNN2_HPARAMS["embedding"], "lda": None}
+
+
 @pytest.mark.parametrize("kind", J.KINDS)
 def test_cache_is_reused(tmp_path, monkeypatch, kind):
     pool = _tiny_pool(tmp_path)
-    budget = {"steps": 3, "batch": 8} if kind == "cnn" else {"pca": 20, "max_images": 100}
+    budget = "smoke" if kind == "cnn2" else {"steps": 3, "batch": 8} if kind == "cnn" else {"pca": 20, "max_images": 100}
     logs = []
     j1 = J.load_judge(pool, kind, budget, work=tmp_path, log=logs.append)
     assert not j1.info["cached"] and any("training" in m for m in logs)
-    monkeypatch.setattr(J, "train_cnn", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(J, "train_lda", lambda *a, **k: pytest.fail("trained again"))
+    assert j1.kind == kind and j1.info["kind"] == kind and f"_{kind}_" in j1.info["path"]
+    for train in ("train_cnn", "train_cnn2", "train_lda"):
+        monkeypatch.setattr(J, train, lambda *a, **k: pytest.fail("trained again"))
     j2 = J.load_judge(pool, kind, budget, work=tmp_path, log=logs.append)
     assert j2.info["cached"] and j2.info["path"] == j1.info["path"]
     x = pool.faces().images[:5]
     assert torch.allclose(j1.embed(x), j2.embed(x), atol=1e-5)
     e = j2.embed(x)
     assert e.shape[0] == 5 and torch.allclose(e.norm(dim=1), torch.ones(5), atol=1e-5)
+    if EMBED_DIM[kind]:
+        assert e.shape[1] == EMBED_DIM[kind] == j2.embed_dim()
+    # float reconstructions in [-1, 1] are judged as the uint8 faces they come from
+    assert torch.allclose(j2.embed(x.float() / 127.5 - 1), e, atol=1e-5)
     # another budget is another judge
-    other = {"steps": 4, "batch": 8} if kind == "cnn" else {"pca": 21, "max_images": 100}
+    other = {"steps": 4, "batch": 8} if kind in ("cnn", "cnn2") else {"pca": 21, "max_images": 100}
     assert J.cache_path(pool, kind, other, work=tmp_path) != J.cache_path(pool, kind, budget, work=tmp_path)
+
+
+def test_kinds_are_separate_cache_entries_and_unknown_kind_is_refused(tmp_path):
+    pool = _tiny_pool(tmp_path)
+    paths = {J.cache_path(pool, k, "smoke", work=tmp_path) for k in J.KINDS}
+    assert len(paths) == len(J.KINDS)
+    with pytest.raises(ValueError, match="judge kind"):
+        J.cache_path(pool, "resnet", "smoke", work=tmp_path)
+
+
+def test_cnn2_is_built_differently_from_cnn():
+    """The second CNN judge must not share the first one's blind spots by construction: another crop, another
+    margin loss, no residual shortcut, no PReLU."""
+    n1, n2 = J.JudgeNet(), J.JudgeNet2()
+    assert J.CNN2_HPARAMS["crop"] != J.CNN_HPARAMS["crop"]
+    assert not any(isinstance(m, (J._Res, nn.PReLU)) for m in n2.modules())
+    assert any(isinstance(m, nn.MaxPool2d) for m in n2.modules()) and not any(isinstance(m, nn.MaxPool2d) for m in n1.modules())
+    x = torch.rand(3, 1, 56, 56) * 2 - 1
+    assert n2.eval()(x).shape == (3, J.CNN2_HPARAMS["embedding"])
+    a = J._augment2(x, J.CNN2_HPARAMS["crop"], torch.Generator().manual_seed(0))
+    assert a.shape == (3, 1, 52, 52) and a.min() >= -1 and a.max() <= 1
 
 
 @pytest.fixture(scope="module")
