@@ -44,10 +44,11 @@ def smoke_judges(tmp_path_factory, orl_root) -> Path:
     15 s): CLI tests copy it into their --work so each does not retrain them."""
     from training.privacy.data import get_split
     from training.privacy.judge import load_judge
+    from training.privacy.run import JUDGES
 
     work = tmp_path_factory.mktemp("judges")
     split = get_split("orl", 0)
-    for kind in ("cnn", "lda"):
+    for _, kind in JUDGES:
         load_judge(split, kind, "smoke", 0, work, log=lambda *_: None)
     return work / "cache"
 

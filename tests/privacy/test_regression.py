@@ -71,6 +71,21 @@ def test_pipeline_and_cli_smoke(orl_root, tmp_path, smoke_judges):
     assert len(run["rows"][0]["scenarios"]["S1"]["per_victim"]) == run["info"]["victims"]
     assert "verdict" in t["claim"]
 
+    # --rescore re-grades from the stored attacked images: with the same judges, the same numbers
+    before = json.loads((work / "orl_s0" / "run.json").read_text())
+    assert main(["--budget", "smoke", "--sets", "orl", "--seeds", "0", "--defences", "none,instahide,hybrid_k2,hybrid_k3,adaptive",
+                 "--out", str(tmp_path / "res"), "--work", str(work), "--reuse", "--rescore"]) == 0
+    after = json.loads((work / "orl_s0" / "run.json").read_text())
+    assert after["info"]["rescored"]["judges"]
+    for rb, ra in zip(before["rows"], after["rows"]):
+        assert ra["identity_leak"] == pytest.approx(rb["identity_leak"], abs=1e-6), rb["defence"]
+        for sc in rb["scenarios"]:
+            assert ra["scenarios"][sc]["per_victim"] == pytest.approx(rb["scenarios"][sc]["per_victim"], abs=1e-6), (rb["defence"], sc)
+    # a run made before images were stored cannot be re-graded: exit 2 naming what to do
+    (work / "orl_s0" / "rows" / "none.attacked.pt").unlink()
+    assert main(["--budget", "smoke", "--sets", "orl", "--seeds", "0", "--defences", "none,instahide,hybrid_k2,hybrid_k3,adaptive",
+                 "--out", str(tmp_path / "res"), "--work", str(work), "--reuse", "--rescore"]) == 2
+
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
     """Unknown defence labels or scenarios, and negative seeds, end the command before any work with exit 2
@@ -107,6 +122,27 @@ def test_cli_one_defence_one_scenario_and_reuse(orl_root, tmp_path, capsys, smok
     assert "not reusing" in capsys.readouterr().out
     t = json.loads((tmp_path / "res" / "orl" / "table.json").read_text())
     assert set(t["runs"][0]["rows"][0]["scenarios"]) == {"S3"}
+
+
+def test_cli_jobs_runs_seeds_in_worker_processes(orl_root, tmp_path, smoke_judges):
+    """--jobs 2: two (set, seed) runs in spawned worker processes, the report from both; the same per-victim
+    numbers as the serial command (each run is seeded by its own seed, not by its process)."""
+    import json
+
+    from training.privacy.__main__ import main
+
+    work = work_with_judges(tmp_path, smoke_judges)
+    common = ["--budget", "smoke", "--sets", "orl", "--defences", "none", "--scenarios", "S1", "--out", str(tmp_path / "res")]
+    assert main(common + ["--seeds", "0", "1", "--jobs", "2", "--work", str(work)]) == 0
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert summary["jobs"] == 2 and summary["command_elapsed_s"] > 0
+    t = json.loads((tmp_path / "res" / "orl" / "table.json").read_text())
+    assert [r["info"]["seed"] for r in t["runs"]] == [0, 1]
+    serial = work_with_judges(tmp_path / "serial", smoke_judges)
+    assert main(common + ["--seeds", "1", "--work", str(serial)]) == 0
+    a = json.loads((work / "orl_s1" / "run.json").read_text())["rows"][0]["scenarios"]["S1"]["per_victim"]
+    b = json.loads((serial / "orl_s1" / "run.json").read_text())["rows"][0]["scenarios"]["S1"]["per_victim"]
+    assert a == b
 
 
 def test_lfw_split_is_identity_disjoint():

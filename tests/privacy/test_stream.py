@@ -135,3 +135,13 @@ def test_attack_stream_refuses_unknown_variant():
     st = S.Stream(torch.zeros(4, 3), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), (3, 1, 1))
     with pytest.raises(ValueError, match="variant must be"):
         S.attack_stream(D(), st, 2, "omniscient")
+
+
+def test_sign_clustering_of_a_single_row_gives_one_group():
+    # an identity seen in one row only (small budgets): |z| has no spread; the clustering must still assign it
+    # (it returned None and crashed attack_stream's informed sign-cluster path, ORL seed 1 at the smoke budget)
+    z = torch.randn(1, 30)
+    group, means = S.cluster_abs(z, 2, seed=0)
+    assert group.tolist() == [0] and torch.allclose(means, z.abs())
+    group, _ = S.cluster_abs(torch.randn(5, 30), 2, seed=0)
+    assert group.shape == (5,) and int(group.max()) <= 1

@@ -5,8 +5,12 @@
     python -m training.privacy --sets folder:/path/to/faces     # your own faces: one sub-folder per identity
     python -m training.privacy --reuse                          # the report from out/privacy/<set>_s<seed>/run.json (runs what is missing)
     python -m training.privacy --budget smoke --sets orl --seeds 0 --out /tmp/p --work /tmp/pw   # minutes: the whole pipeline
+    python -m training.privacy --jobs 2                         # (set, seed) runs in 2 processes (one per core)
+    python -m training.privacy --reuse --rescore                # re-grade finished runs with the current judges
 
 Each (set, seed) is one run.json under --work: an interrupted evaluation resumes with --reuse, per set and seed.
+Every attacked image is stored beside it (rows/<label>.attacked.pt), so a changed judge re-grades the runs
+(--rescore, seconds per run) without re-training or re-attacking anything.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import argparse
 import json
 import shlex
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -22,7 +29,7 @@ from training.config import project_root
 from training.results import machine
 
 from . import report
-from .run import BUDGETS, DEFENCES, SCENARIOS, run
+from .run import BUDGETS, DEFENCES, JUDGES, SCENARIOS, rescore, run, run_logged
 
 
 def _same_request(r: dict, defs, scenarios: tuple, budget: dict) -> bool:
@@ -39,6 +46,22 @@ def _tag(name: str) -> str:
     return name
 
 
+def _pretrain_judges(todo, budget: str, work: Path) -> None:
+    """Train (or find cached) every judge the runs need, once, before the worker processes start: two workers
+    must not train the same judge side by side (ORL and LFW's standard seeds share one judge pool)."""
+    from .data import get_split
+    from .judge import load_judge
+
+    seen = set()
+    for s, seed in todo:
+        split = get_split(s, seed)
+        if split.judge is None or split.judge.key() in seen:
+            continue
+        seen.add(split.judge.key())
+        for _, kind in JUDGES:
+            load_judge(split, kind, budget, 0, work)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.privacy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="+", default=["orl", "lfw"], help="orl, lfw and/or folder:PATH (an image folder, "
@@ -53,9 +76,17 @@ def main(argv=None) -> int:
                     "the finished defences of an interrupted seed (<work>/<set>_s<seed>/rows/)")
     ap.add_argument("--report-only", action="store_true", help="with --reuse: the report from the finished seeds' run.json "
                     "only (a seed without one is left out and named), running nothing")
+    ap.add_argument("--jobs", type=int, default=1, help="run (set, seed) pairs in this many processes (one thread "
+                    "each; 2 on the 2-core machine); the judges train once, first")
+    ap.add_argument("--rescore", action="store_true", help="with --reuse: re-grade the finished runs with the current "
+                    "judges from their stored attacked images (nothing retrained), then the report")
     a = ap.parse_args(argv)
     if a.report_only and not a.reuse:
         ap.error("--report-only needs --reuse")
+    if a.rescore and not a.reuse:
+        ap.error("--rescore needs --reuse (it re-grades finished runs)")
+    if a.jobs < 1:
+        ap.error(f"--jobs: expected a process count >= 1, got {a.jobs}")
     for s_ in a.sets:
         if s_ not in ("orl", "lfw") and not (s_.startswith("folder:") and len(s_) > len("folder:")):
             ap.error(f"--sets: unknown set {s_!r}; use orl, lfw or folder:PATH")
@@ -83,29 +114,76 @@ def main(argv=None) -> int:
     command = "python -m training.privacy " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     sections, summary = [], {"command": command, "machine": mach, "sets": {}}
     t_all = 0.0
+
+    def saved(s, seed):
+        """The finished run.json of (set, seed) when --reuse may take it and it answers this request, else None."""
+        rdir = work / f"{_tag(s)}_s{seed}"
+        if not (a.reuse and (rdir / "run.json").exists()):
+            return None
+        r = json.loads((rdir / "run.json").read_text())
+        return r if _same_request(r, defs, scenarios, BUDGETS[a.budget]) else False
+
+    t_start = time.time()
+    # Phase 1: run what is missing (serially, or in --jobs worker processes)
+    todo = []
+    for s in a.sets:
+        for seed in a.seeds:
+            r = saved(s, seed)
+            if r is False:
+                print(f"[privacy] not reusing {work / f'{_tag(s)}_s{seed}' / 'run.json'}: it ran other defences, "
+                      f"scenarios or budget; running it again")
+            if not r and not a.report_only:
+                todo.append((s, seed))
+    if a.reuse and todo:
+        print(f"[privacy] --reuse: running {', '.join(f'{s} seed {seed}' for s, seed in todo)} (no finished run.json)")
+    if a.rescore:
+        for s in a.sets:
+            for seed in a.seeds:
+                if (s, seed) not in todo and saved(s, seed):
+                    rdir = work / f"{_tag(s)}_s{seed}"
+                    try:
+                        rescore(rdir, s, seed, a.budget, work)
+                        print(f"[privacy] re-graded {rdir / 'run.json'} with the current judges")
+                    except FileNotFoundError as e:
+                        print(f"[privacy] --rescore: {e}", file=sys.stderr)
+                        return 2
+    failed = []
+    if todo and a.jobs > 1 and len(todo) > 1:
+        _pretrain_judges(todo, a.budget, work)
+        with ProcessPoolExecutor(max_workers=min(a.jobs, len(todo)), mp_context=get_context("spawn")) as ex:
+            futs = {ex.submit(run_logged, s, _tag(s), seed, a.budget, work / f"{_tag(s)}_s{seed}", defs, scenarios, work, a.reuse):
+                    (s, seed) for s, seed in todo}
+            for f in as_completed(futs):
+                try:
+                    print(f"[privacy] {f.result()}", flush=True)
+                except Exception as e:  # noqa: BLE001 -- one failed run must not lose the others; named below
+                    failed.append(futs[f])
+                    print(f"[privacy] {futs[f][0]} seed {futs[f][1]} failed: {type(e).__name__}: {e}", file=sys.stderr)
+    else:
+        for s, seed in todo:
+            try:
+                run(s, seed, a.budget, work / f"{_tag(s)}_s{seed}", defs, scenarios, work=work, resume=a.reuse)
+            except ValueError as e:  # a set too small to split, unreadable folder: one line, exit 2
+                print(f"[privacy] {s}: {e}", file=sys.stderr)
+                return 2
+    elapsed = time.time() - t_start
+
+    # Phase 2: the report from the finished runs
     for s in a.sets:
         runs = []
         tag = _tag(s)
         for seed in a.seeds:
             rdir = work / f"{tag}_s{seed}"
-            r = json.loads((rdir / "run.json").read_text()) if a.reuse and (rdir / "run.json").exists() else None
-            if a.report_only and r is None:
-                print(f"[privacy] --report-only: no {rdir / 'run.json'}; {s} seed {seed} left out of the report")
+            if not (rdir / "run.json").exists():
+                print(f"[privacy] no {rdir / 'run.json'}; {s} seed {seed} left out of the report")
                 continue
-            if a.reuse and r is None:
-                print(f"[privacy] --reuse: no {rdir / 'run.json'}; running {s} seed {seed}")
-            if r is not None and not _same_request(r, defs, scenarios, BUDGETS[a.budget]):
-                print(f"[privacy] not reusing {rdir / 'run.json'}: it ran other defences, scenarios or budget; running it again")
-                r = None
-            if r is not None:
-                r["images"] = torch.load(rdir / "images.pt", weights_only=False)
+            r = json.loads((rdir / "run.json").read_text())
+            if not _same_request(r, defs, scenarios, BUDGETS[a.budget]):
+                print(f"[privacy] {rdir / 'run.json'} answers another request; {s} seed {seed} left out of the report")
+                continue
+            r["images"] = torch.load(rdir / "images.pt", weights_only=False)
+            if (s, seed) not in todo:
                 print(f"[privacy] reusing {rdir / 'run.json'} ({r['info']['wall_s'] / 60:.1f} min when it ran)")
-            else:
-                try:
-                    r = run(s, seed, a.budget, rdir, defs, scenarios, work=work, resume=a.reuse)
-                except ValueError as e:  # a set too small to split, unreadable folder: one line, exit 2
-                    print(f"[privacy] {s}: {e}", file=sys.stderr)
-                    return 2
             runs.append(r)
         if not runs:
             print(f"[privacy] {s}: no finished seed to report", file=sys.stderr)
@@ -136,8 +214,14 @@ def main(argv=None) -> int:
     pages = [(s, md, {"frontier": f"{s}/frontier.png", "grid": f"{s}/grid.png", "json": f"{s}/table.json", "md": f"{s}/table.md"})
              for s, md in sections]
     (out / "report.html").write_text(report.html_page(pages, info, tm))
+    summary["command_elapsed_s"] = elapsed  # what this command took (runs in parallel with --jobs)
+    summary["jobs"] = a.jobs
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(f"[privacy] report: {out / 'report.html'}  (total {t_all / 60:.1f} min)")
+    print(f"[privacy] report: {out / 'report.html'}  (runs' total {t_all / 60:.1f} min; this command "
+          f"{elapsed / 60:.1f} min with --jobs {a.jobs})")
+    if failed:
+        print(f"[privacy] failed runs (left out of the report): {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -58,6 +58,8 @@ BUDGETS = {
 CONFIGS = {"orl": "training/configs/orl_cpu.yaml", "lfw": "training/configs/lfw_cpu.yaml"}
 SCENARIOS = ("S1", "S2", "S3", "S4", "S5")  # THREAT_MODEL.md
 SHOW = 4  # faces per defence in the image grid
+# (name in the results, judge kind): "judge" is the reported one; the others check it (report.judge_agreement)
+JUDGES = (("judge", "cnn"), ("judge2", "lda"))
 
 
 def signs_of(defence) -> bool:
@@ -144,6 +146,7 @@ def _stream_attack(defence, stream, n_rows, faces, labels, decoders, attacker_u8
              **_scored(judges, m["images"], labels, v, gallery), "wall_s": time.time() - t}
         out[variant] = r
         out.setdefault("images", m["images"][:SHOW])
+        out.setdefault("attacked", {})[f"S5/{variant}"] = (m["images"], labels, True)
         log(f"    S5 {variant:8s} {method}: recovered {100 * r['recovered@0.9']:.1f} % at cos >= 0.9, "
             f"{100 * r['recovered@0.95']:.1f} % at 0.95; judge rank-1 {100 * r['rank1']:.1f} % ({r['wall_s']:.0f} s)")
     return out
@@ -168,8 +171,98 @@ def _test_time(defence, decoders, dec_s1, test_u8, labels, seed, judges, v, gall
         else:
             rec = dec_s1(A.Protected(z, torch.arange(len(x)), None)) if dec_s1 is not None else None
     if rec is None:
-        return None
-    return _scored(judges, rec, labels, v, gallery)
+        return None, None
+    return _scored(judges, rec, labels, v, gallery), rec
+
+
+def _combine_s5(r: dict, v: int) -> None:
+    """S5's success per victim: the stronger of blind and informed (the server may run both), per judge."""
+    for key in [k for k in r["blind"] if k.startswith("per_victim")]:
+        r[key] = [max(a, c) for a, c in zip(r["blind"][key], r["informed"][key])]
+        suffix = key[len("per_victim"):]
+        r[f"rank1{suffix}"] = float(torch.tensor(r[key]).nanmean())
+        r[f"leak{suffix}"] = ST.leak_of(r[f"rank1{suffix}"], v)
+
+
+def _summarise(row: dict, v: int) -> None:
+    """A defence's worst-case leak over its scenarios (per judge), and its score / trade-off."""
+    leaks = {s: r["leak"] for s, r in row["scenarios"].items()}
+    row["score_pp"] = M.score_pp(leaks)
+    row["identity_leak"] = 1.0 - row["score_pp"]
+    for name, _ in JUDGES[1:]:
+        row[f"identity_leak_{name}"] = max((r.get(f"leak_{name}", 0.0) for r in row["scenarios"].values()),
+                                           default=float("nan"))
+    row["score_cls"] = M.score_cls(row["accuracy"], v)
+    row["tradeoff"] = M.tradeoff(row["score_pp"], row["score_cls"])
+
+
+def save_attacked(attacked: dict, path: Path) -> None:
+    """Every image an attack produced (float16, 56x56: ~6 KB each) with its victim labels, so a new or changed
+    judge re-grades a finished run (``rescore``) instead of re-running its training and attacks."""
+    torch.save({k: {"images": im.detach().to(torch.float16), "labels": lab.to(torch.int32), "gallery": gal}
+                for k, (im, lab, gal) in attacked.items()}, path)
+
+
+def _judges_for(split, bname: str, work: Path, log=print):
+    """The judges (``JUDGES``), each enrolling the victims from their held-out (val + test) images, and what
+    they score on the victims' clean training faces."""
+    vic = split.victim_train
+    v = split.num_victims
+    # The judge enrolls every victim from images that no attack reconstructs and the FR model never trained on
+    # (validation + test images); the attacked images (training faces, and the identities S3 / S4 invert) are
+    # probes only, so a reconstruction is never compared with its own source image. Verification's genuine
+    # pairs are a reconstruction and these other images of the same person.
+    held = (torch.cat([split.victim_val.images, split.victim_test.images]),
+            torch.cat([split.victim_val.labels, split.victim_test.labels]))
+    gallery = (to_float(held[0]), held[1])
+    judges, judge_info = {}, {}
+    for name, kind in JUDGES:
+        j = load_judge(split, kind, bname, 0, work, log=log)
+        j.enroll(*held)
+        h1, h5 = j.hits(vic.images, vic.labels, 1), j.hits(vic.images, vic.labels, 5)
+        judge_info[name] = {**{k: j.info.get(k) for k in ("kind", "pool", "pool_people", "pool_images", "train_s", "cached")},
+                            "rank1": float(h1.mean()), "rank5": float(h5.mean()),
+                            "per_victim": _judged(j, vic.images, vic.labels, v)}
+        judges[name] = j
+        log(f"[privacy] {name} ({kind}, pool {j.info.get('pool')}): clean rank-1 of the victims' training faces against "
+            f"templates of their held-out faces {100 * judge_info[name]['rank1']:.1f} % (rank-5 {100 * judge_info[name]['rank5']:.1f} %)")
+    return judges, judge_info, gallery
+
+
+def rescore(rdir: Path, split_name: str, seed: int, budget: str = "full", work: Path | None = None, log=print) -> dict:
+    """Re-grade a finished run (``<rdir>/run.json``) with the current judges from the attacked images it stored
+    (``rows/<label>.attacked.pt``): every judge-dependent number is recomputed, nothing is retrained or
+    re-attacked. Raises FileNotFoundError naming the first defence whose images were not stored (runs made
+    before images were kept must be run again)."""
+    rdir = Path(rdir)
+    work = Path(work or project_root() / "out" / "privacy")
+    res = json.loads((rdir / "run.json").read_text())
+    missing = [r["defence"] for r in res["rows"] if not (rdir / "rows" / f"{r['defence']}.attacked.pt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{rdir}: no stored attacked images for {missing[0]!r} ({len(missing)} defences): "
+                                f"this run predates them; run it again (python -m training.privacy without --reuse)")
+    torch.set_num_threads(1)
+    split = get_split(split_name, seed)
+    v = split.num_victims
+    judges, judge_info, gallery = _judges_for(split, budget, work, log)
+    for row in res["rows"]:
+        att = torch.load(rdir / "rows" / f"{row['defence']}.attacked.pt", weights_only=False)
+        for path, a in att.items():
+            sc, _, variant = path.partition("/")
+            r = row["scenarios"][sc] if not variant else row["scenarios"][sc][variant]
+            im, lab = a["images"].float(), a["labels"].long()
+            r.update(_scored(judges, im, lab, v, gallery if a["gallery"] else None))
+            if sc in ("S3", "S4"):
+                r["top5"] = float(judges["judge"].hits(im, lab, 5).mean())
+        if "S2" in row["scenarios"] and row["scenarios"]["S2"].get("same_as") == "S1":
+            row["scenarios"]["S2"] = dict(row["scenarios"]["S1"], same_as="S1")
+        if "S5" in row["scenarios"]:
+            _combine_s5(row["scenarios"]["S5"], v)
+        _summarise(row, v)
+    res["info"]["judges"] = judge_info
+    res["info"]["rescored"] = {"judges": [k for _, k in JUDGES], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (rdir / "run.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
 
 
 def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out: Path | None = None, defences=None,
@@ -195,24 +288,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
     log(f"[privacy] {split_name} seed {seed}: {split.info['victim_train']} victim train faces of {v} people, "
         f"{split.info['attacker_images']} attacker faces (other people)")
     vic = split.victim_train
-    # The judge enrolls every victim from images that no attack reconstructs and the FR model never trained on
-    # (validation + test images); the attacked images (training faces, and the identities S3 / S4 invert) are
-    # probes only, so a reconstruction is never compared with its own source image. Verification's genuine
-    # pairs are a reconstruction and these other images of the same person.
-    held = (torch.cat([split.victim_val.images, split.victim_test.images]),
-            torch.cat([split.victim_val.labels, split.victim_test.labels]))
-    gallery = (to_float(held[0]), held[1])
-    judges, judge_info = {}, {}
-    for name, kind in (("judge", "cnn"), ("judge2", "lda")):
-        j = load_judge(split, kind, bname, 0, work, log=log)
-        j.enroll(*held)
-        h1, h5 = j.hits(vic.images, vic.labels, 1), j.hits(vic.images, vic.labels, 5)
-        judge_info[name] = {**{k: j.info.get(k) for k in ("kind", "pool", "pool_people", "pool_images", "train_s", "cached")},
-                            "rank1": float(h1.mean()), "rank5": float(h5.mean()),
-                            "per_victim": _judged(j, vic.images, vic.labels, v)}
-        judges[name] = j
-        log(f"[privacy] {name} ({kind}, pool {j.info.get('pool')}): clean rank-1 of the victims' training faces against "
-            f"templates of their held-out faces {100 * judge_info[name]['rank1']:.1f} % (rank-5 {100 * judge_info[name]['rank5']:.1f} %)")
+    judges, judge_info, gallery = _judges_for(split, bname, work, log)
     ib = INV.budget_of(bname)
     # PCA (80 eigenfaces of the attacker's faces): stronger than the VAE prior here (ORL seed 0, S3 top-1 0.60 vs 0.40)
     prior = INV.face_prior("pca", split.attacker.images, work=work, seed=seed, log=log)
@@ -246,6 +322,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
         row = {"defence": label, "config": dover, "accuracy": acc, "sign_flip": signs_of(defence),
                "k_mean": res.get("k_mean_last20"), "k_dist": k_dist, "scenarios": {}}
         img = {}
+        attacked = {}  # scenario path -> (every attacked image, its victim labels, verified against the gallery)
         dec_s1 = None
         for sc in scenarios:
             if sc in ("S1", "S2"):
@@ -261,6 +338,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
                 lab = vic.labels[tg]
                 r = {"ssim": float(M.ssim(rec, orig).mean()), "psnr": float(M.psnr(rec, orig).mean()),
                      **_scored(judges, rec, lab, v, gallery)}
+                attacked[sc] = (rec, lab, True)
                 img["protected"] = shown[:SHOW]
                 img[f"{sc}_target"] = orig[:SHOW]
                 img[sc] = rec[:SHOW]
@@ -280,31 +358,26 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
                 r = {**_scored(judges, inv.images, targets, v), "target_top1": float(own.float().mean()),
                      "top5": float(judges["judge"].hits(inv.images, targets, 5).mean()), "queries": inv.queries,
                      "wall_s": inv.wall_s}
+                attacked[sc] = (inv.images, targets, False)
                 img[sc] = inv.images[:SHOW]
             else:  # S5
                 bs = int(cfg["train"]["batch_size"])  # an epoch is its whole batches (the sampler drops the rest)
                 s5 = _stream_attack(defence, rec_stream.stream(), len(vic) // bs * bs, faces, vic.labels, decoders,
                                     split.attacker.images, b, seed, judges, v, gallery, log)
                 img["S5"] = s5.pop("images")
-                test = _test_time(defence, decoders, dec_s1, vic.images, vic.labels, seed, judges, v, gallery)
+                attacked.update(s5.pop("attacked"))
+                test, test_rec = _test_time(defence, decoders, dec_s1, vic.images, vic.labels, seed, judges, v, gallery)
+                if test_rec is not None:
+                    attacked["S5/test_time"] = (test_rec, vic.labels, True)
                 r = {"blind": s5["blind"], "informed": s5["informed"], "test_time": test, "method": s5["method"]}
-                # the scenario's success: the stronger variant per victim (the server may run both)
-                for key in ("per_victim", "per_victim_judge2"):
-                    r[key] = [max(a, c) for a, c in zip(s5["blind"][key], s5["informed"][key])]
-                r["rank1"] = float(torch.tensor(r["per_victim"]).nanmean())
-                r["leak"] = ST.leak_of(r["rank1"], v)
-                r["leak_judge2"] = ST.leak_of(float(torch.tensor(r["per_victim_judge2"]).nanmean()), v)
+                _combine_s5(r, v)
             row["scenarios"][sc] = r
-        leaks = {s: r["leak"] for s, r in row["scenarios"].items()}
-        row["score_pp"] = M.score_pp(leaks)
-        row["identity_leak"] = 1.0 - row["score_pp"]
-        row["identity_leak_judge2"] = max((r.get("leak_judge2", 0.0) for r in row["scenarios"].values()), default=float("nan"))
-        row["score_cls"] = M.score_cls(acc, v)
-        row["tradeoff"] = M.tradeoff(row["score_pp"], row["score_cls"])
+        _summarise(row, v)
         row["wall_s"] = time.time() - t1
         rows.append(row)
         images["defences"][label] = img
         torch.save(img, saved.with_suffix(".pt"))
+        save_attacked(attacked, out / "rows" / f"{label}.attacked.pt")
         saved.write_text(json.dumps({"request": {"config": dover, "budget": b, "scenarios": list(scenarios)}, "row": row},
                                     default=str))
         sc_ = row["scenarios"]
@@ -319,3 +392,17 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
     torch.save(images, out / "images.pt")
     result["images"] = images
     return result
+
+
+def run_logged(split_name: str, tag: str, seed: int, budget: str, out: Path, defences, scenarios, work: Path,
+               resume: bool) -> str:
+    """``run`` in a worker process (``python -m training.privacy --jobs N``): its log lines carry the set and
+    seed, since runs interleave. Lives here, not in __main__, so a spawned worker can import it."""
+    prefix = f"[{tag} s{seed}]"
+
+    def log(msg):
+        print(f"{prefix} {msg}", flush=True)
+
+    t = time.time()
+    run(split_name, seed, budget, out, defences, scenarios, log=log, work=work, resume=resume)
+    return f"{prefix} finished in {(time.time() - t) / 60:.1f} min"

@@ -280,7 +280,7 @@ def kmeans_cosine(z: torch.Tensor, clusters: int, *, iters: int = 25, restarts: 
     best, best_fit = None, -math.inf
     for r in range(restarts):
         assign, fit = _kmeans_once(x, min(clusters, x.shape[0]), iters, seed * 1000 + r)
-        if fit > best_fit:
+        if best is None or fit > best_fit:  # a NaN fit (degenerate rows) must still return an assignment
             best, best_fit = assign, fit
     return best
 
@@ -336,7 +336,8 @@ def abs_similarity(z: torch.Tensor) -> torch.Tensor:
     """Key-free encodings |z| standardised per coefficient over the stream (T, D), L2-normalised: their
     inner products are the similarity of two mixes (high when they share a face with a large weight)."""
     a = z.abs().double()
-    a = (a - a.mean(0)) / a.std(0).clamp_min(1e-12)
+    # one row has no spread: correction 0 gives std 0 there instead of NaN (an identity seen once in a batch)
+    a = (a - a.mean(0)) / a.std(0, correction=1 if a.shape[0] > 1 else 0).clamp_min(1e-12)
     return F.normalize(a, dim=1).float()
 
 
