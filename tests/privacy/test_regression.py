@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from training.data import to_float
 from training.privacy import attacks as A
@@ -143,6 +144,36 @@ def test_cli_jobs_runs_seeds_in_worker_processes(orl_root, tmp_path, smoke_judge
     a = json.loads((work / "orl_s1" / "run.json").read_text())["rows"][0]["scenarios"]["S1"]["per_victim"]
     b = json.loads((serial / "orl_s1" / "run.json").read_text())["rows"][0]["scenarios"]["S1"]["per_victim"]
     assert a == b
+
+
+def test_cli_size_112_runs_at_that_geometry_and_is_judged_at_56(orl_root, tmp_path, smoke_judges):
+    """--size 112 (the training layer's geometry): the target trains on 112x112 faces, its runs and report
+    section carry the size, and the same 56x56 judges grade the attacked images (area-resampled)."""
+    import json
+
+    from training.privacy.__main__ import main
+
+    work = work_with_judges(tmp_path, smoke_judges)
+    assert main(["--budget", "smoke", "--sets", "orl", "--seeds", "0", "--defences", "none", "--scenarios", "S1",
+                 "--size", "112", "--out", str(tmp_path / "res"), "--work", str(work)]) == 0
+    r = json.loads((work / "orl_112_s0" / "run.json").read_text())
+    assert r["info"]["size"] == 112 and r["info"]["split"]["size"] == 112
+    att = torch.load(work / "orl_112_s0" / "rows" / "none.attacked.pt", weights_only=False)
+    assert att["S1"]["images"].shape[-2:] == (112, 112)
+    # the 56x56 judge sees a 112x112 face as its own 56x56 decode (area-resampled): about the same hits
+    from training.privacy.data import get_split
+    from training.privacy.judge import load_judge
+    from training.privacy.run import _AtJudgeSize
+
+    s56, s112 = get_split("orl", 0, 56), get_split("orl", 0, 112)
+    j = load_judge(s56, "cnn", "smoke", 0, work, log=lambda *_: None).enroll(s56.victim_test.images, s56.victim_test.labels)
+    h56 = j.hits(s56.victim_train.images, s56.victim_train.labels).mean()
+    h112 = _AtJudgeSize(j).hits(s112.victim_train.images, s112.victim_train.labels).mean()
+    assert abs(float(h56 - h112)) <= 0.1, (h56, h112)
+    assert (tmp_path / "res" / "orl_112" / "table.md").is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["--size", "60", "--out", str(tmp_path / "res"), "--work", str(work)])
+    assert e.value.code == 2
 
 
 def test_lfw_split_is_identity_disjoint():

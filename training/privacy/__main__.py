@@ -32,18 +32,19 @@ from . import report
 from .run import BUDGETS, DEFENCES, JUDGES, SCENARIOS, rescore, run, run_logged
 
 
-def _same_request(r: dict, defs, scenarios: tuple, budget: dict) -> bool:
-    """Whether a saved run.json answers this command (its rows, scenarios and budget), so --reuse never mixes
-    a report from runs of another request."""
-    return ([x["defence"] for x in r["rows"]] == [d for d, _ in defs]
+def _same_request(r: dict, defs, scenarios: tuple, budget: dict, size: int = 56) -> bool:
+    """Whether a saved run.json answers this command (its rows, scenarios, budget and face size), so --reuse
+    never mixes a report from runs of another request."""
+    return ([x["defence"] for x in r["rows"]] == [d for d, _ in defs] and r["info"].get("size", 56) == size
             and tuple(r["info"].get("scenarios", SCENARIOS)) == scenarios and r["info"]["budget"] == budget)
 
 
-def _tag(name: str) -> str:
-    """A file-name-safe name of a set: orl, lfw, or folder_<folder name> for folder:PATH."""
+def _tag(name: str, size: int = 56) -> str:
+    """A file-name-safe name of a set: orl, lfw, or folder_<folder name> for folder:PATH; _<size> appended for
+    faces of another size than the default 56."""
     if name.startswith("folder:"):
-        return "folder_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name[7:]).expanduser().resolve().name)
-    return name
+        name = "folder_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name[7:]).expanduser().resolve().name)
+    return name if size == 56 else f"{name}_{size}"
 
 
 def _pretrain_judges(todo, budget: str, work: Path) -> None:
@@ -76,6 +77,9 @@ def main(argv=None) -> int:
                     "the finished defences of an interrupted seed (<work>/<set>_s<seed>/rows/)")
     ap.add_argument("--report-only", action="store_true", help="with --reuse: the report from the finished seeds' run.json "
                     "only (a seed without one is left out and named), running nothing")
+    ap.add_argument("--size", type=int, default=56, help="face size (a multiple of 8; default 56; 112 is the training "
+                    "layer's geometry): runs go to <work>/<set>_<size>_s<seed> for sizes other than 56, the report "
+                    "section is <set>_<size>; the judges grade at 56 (probes area-resampled)")
     ap.add_argument("--jobs", type=int, default=1, help="run (set, seed) pairs in this many processes (one thread "
                     "each; 2 on the 2-core machine); the judges train once, first")
     ap.add_argument("--rescore", action="store_true", help="with --reuse: re-grade the finished runs with the current "
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
         ap.error("--rescore needs --reuse (it re-grades finished runs)")
     if a.jobs < 1:
         ap.error(f"--jobs: expected a process count >= 1, got {a.jobs}")
+    if a.size < 16 or a.size % 8:
+        ap.error(f"--size: expected a multiple of 8 (the 8x8 block DCT) of at least 16, got {a.size}")
     for s_ in a.sets:
         if s_ not in ("orl", "lfw") and not (s_.startswith("folder:") and len(s_) > len("folder:")):
             ap.error(f"--sets: unknown set {s_!r}; use orl, lfw or folder:PATH")
@@ -117,11 +123,11 @@ def main(argv=None) -> int:
 
     def saved(s, seed):
         """The finished run.json of (set, seed) when --reuse may take it and it answers this request, else None."""
-        rdir = work / f"{_tag(s)}_s{seed}"
+        rdir = work / f"{_tag(s, a.size)}_s{seed}"
         if not (a.reuse and (rdir / "run.json").exists()):
             return None
         r = json.loads((rdir / "run.json").read_text())
-        return r if _same_request(r, defs, scenarios, BUDGETS[a.budget]) else False
+        return r if _same_request(r, defs, scenarios, BUDGETS[a.budget], a.size) else False
 
     t_start = time.time()
     # Phase 1: run what is missing (serially, or in --jobs worker processes)
@@ -130,7 +136,7 @@ def main(argv=None) -> int:
         for seed in a.seeds:
             r = saved(s, seed)
             if r is False:
-                print(f"[privacy] not reusing {work / f'{_tag(s)}_s{seed}' / 'run.json'}: it ran other defences, "
+                print(f"[privacy] not reusing {work / f'{_tag(s, a.size)}_s{seed}' / 'run.json'}: it ran other defences, "
                       f"scenarios or budget; running it again")
             if not r and not a.report_only:
                 todo.append((s, seed))
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
         for s in a.sets:
             for seed in a.seeds:
                 if (s, seed) not in todo and saved(s, seed):
-                    rdir = work / f"{_tag(s)}_s{seed}"
+                    rdir = work / f"{_tag(s, a.size)}_s{seed}"
                     try:
                         rescore(rdir, s, seed, a.budget, work)
                         print(f"[privacy] re-graded {rdir / 'run.json'} with the current judges")
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
     if todo and a.jobs > 1 and len(todo) > 1:
         _pretrain_judges(todo, a.budget, work)
         with ProcessPoolExecutor(max_workers=min(a.jobs, len(todo)), mp_context=get_context("spawn")) as ex:
-            futs = {ex.submit(run_logged, s, _tag(s), seed, a.budget, work / f"{_tag(s)}_s{seed}", defs, scenarios, work, a.reuse):
+            futs = {ex.submit(run_logged, s, _tag(s, a.size), seed, a.budget, work / f"{_tag(s, a.size)}_s{seed}", defs, scenarios, work, a.reuse, a.size):
                     (s, seed) for s, seed in todo}
             for f in as_completed(futs):
                 try:
@@ -162,7 +168,8 @@ def main(argv=None) -> int:
     else:
         for s, seed in todo:
             try:
-                run(s, seed, a.budget, work / f"{_tag(s)}_s{seed}", defs, scenarios, work=work, resume=a.reuse)
+                run(s, seed, a.budget, work / f"{_tag(s, a.size)}_s{seed}", defs, scenarios, work=work, resume=a.reuse,
+                    size=a.size)
             except ValueError as e:  # a set too small to split, unreadable folder: one line, exit 2
                 print(f"[privacy] {s}: {e}", file=sys.stderr)
                 return 2
@@ -171,14 +178,14 @@ def main(argv=None) -> int:
     # Phase 2: the report from the finished runs
     for s in a.sets:
         runs = []
-        tag = _tag(s)
+        tag = _tag(s, a.size)
         for seed in a.seeds:
             rdir = work / f"{tag}_s{seed}"
             if not (rdir / "run.json").exists():
                 print(f"[privacy] no {rdir / 'run.json'}; {s} seed {seed} left out of the report")
                 continue
             r = json.loads((rdir / "run.json").read_text())
-            if not _same_request(r, defs, scenarios, BUDGETS[a.budget]):
+            if not _same_request(r, defs, scenarios, BUDGETS[a.budget], a.size):
                 print(f"[privacy] {rdir / 'run.json'} answers another request; {s} seed {seed} left out of the report")
                 continue
             r["images"] = torch.load(rdir / "images.pt", weights_only=False)

@@ -69,10 +69,11 @@ def signs_of(defence) -> bool:
 BATCH = 40  # the training configs' batch; a smaller face set trains on batches of all its faces
 
 
-def target_config(split_name: str, label: str, dover: dict, seed: int, budget: dict, out: Path, train_faces: int = BATCH) -> dict:
+def target_config(split_name: str, label: str, dover: dict, seed: int, budget: dict, out: Path, train_faces: int = BATCH,
+                  size: int = 56) -> dict:
     over = {
         "name": f"privacy_{split_name}_{label}_s{seed}", "seed": seed, "out_dir": str(out / "fr" / f"{label}"),
-        "data": {"size": 56, "crop": None},
+        "data": {"size": size, "crop": None},
         "model": {"arch": "tiny", "embedding": 64, "width": 2.0},
         "defence": dover,
         "train": {"steps": budget["fr_steps"], "progress": False, "eval_every": max(1, budget["fr_steps"] // 6),
@@ -203,6 +204,30 @@ def save_attacked(attacked: dict, path: Path) -> None:
                 for k, (im, lab, gal) in attacked.items()}, path)
 
 
+JUDGE_SIZE = 56  # the judges' input (judge.py); attacked images of another size are area-resampled to it
+
+
+class _AtJudgeSize:
+    """A judge seen through area resampling of its probes to ``JUDGE_SIZE`` (the 112x112 geometry check
+    grades its attacks with the same judges as the 56x56 runs; enrollment uses the 56x56 faces)."""
+
+    def __init__(self, judge):
+        self.judge = judge
+
+    @staticmethod
+    def _r(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == JUDGE_SIZE:
+            return x
+        x = to_float(x) if x.dtype == torch.uint8 else x.float()
+        return torch.nn.functional.interpolate(x, size=(JUDGE_SIZE, JUDGE_SIZE), mode="area")
+
+    def hits(self, x, labels, k: int = 1):
+        return self.judge.hits(self._r(x), labels, k)
+
+    def verify(self, recon, recon_labels, gallery, gallery_labels, **kw):
+        return self.judge.verify(self._r(recon), recon_labels, gallery, gallery_labels, **kw)
+
+
 def _judges_for(split, bname: str, work: Path, log=print):
     """The judges (``JUDGES``), each enrolling the victims from their held-out (val + test) images, and what
     they score on the victims' clean training faces."""
@@ -223,7 +248,7 @@ def _judges_for(split, bname: str, work: Path, log=print):
         judge_info[name] = {**{k: j.info.get(k) for k in ("kind", "pool", "pool_people", "pool_images", "train_s", "cached")},
                             "rank1": float(h1.mean()), "rank5": float(h5.mean()),
                             "per_victim": _judged(j, vic.images, vic.labels, v)}
-        judges[name] = j
+        judges[name] = _AtJudgeSize(j)
         log(f"[privacy] {name} ({kind}, pool {j.info.get('pool')}): clean rank-1 of the victims' training faces against "
             f"templates of their held-out faces {100 * judge_info[name]['rank1']:.1f} % (rank-5 {100 * judge_info[name]['rank5']:.1f} %)")
     return judges, judge_info, gallery
@@ -242,7 +267,7 @@ def rescore(rdir: Path, split_name: str, seed: int, budget: str = "full", work: 
         raise FileNotFoundError(f"{rdir}: no stored attacked images for {missing[0]!r} ({len(missing)} defences): "
                                 f"this run predates them; run it again (python -m training.privacy without --reuse)")
     torch.set_num_threads(1)
-    split = get_split(split_name, seed)
+    split = get_split(split_name, seed, JUDGE_SIZE)  # enrollment and clean rank-1 at the judges' size
     v = split.num_victims
     judges, judge_info, gallery = _judges_for(split, budget, work, log)
     for row in res["rows"]:
@@ -266,7 +291,7 @@ def rescore(rdir: Path, split_name: str, seed: int, budget: str = "full", work: 
 
 
 def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out: Path | None = None, defences=None,
-        scenarios=SCENARIOS, log=print, work: Path | None = None, resume: bool = False) -> dict:
+        scenarios=SCENARIOS, log=print, work: Path | None = None, resume: bool = False, size: int = 56) -> dict:
     """Returns {"info", "rows": [per defence], "images": {...}} and writes <out>/run.json + images.pt.
 
     ``work``: where the judges and face priors are cached (trained once per set; default out/privacy).
@@ -283,12 +308,14 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
     out = Path(out or project_root() / "out" / "privacy" / f"{split_name.replace(':', '_').replace('/', '_')}_s{seed}")
     work = Path(work or project_root() / "out" / "privacy")
     out.mkdir(parents=True, exist_ok=True)
-    split = get_split(split_name, seed)
+    split = get_split(split_name, seed, size)
     v = split.num_victims
-    log(f"[privacy] {split_name} seed {seed}: {split.info['victim_train']} victim train faces of {v} people, "
+    log(f"[privacy] {split_name} seed {seed} ({size}x{size}): {split.info['victim_train']} victim train faces of {v} people, "
         f"{split.info['attacker_images']} attacker faces (other people)")
     vic = split.victim_train
-    judges, judge_info, gallery = _judges_for(split, bname, work, log)
+    # the judges grade at their own size: enrolled from the same files at JUDGE_SIZE, probes resampled
+    judges, judge_info, gallery = _judges_for(split if size == JUDGE_SIZE else get_split(split_name, seed, JUDGE_SIZE),
+                                              bname, work, log)
     ib = INV.budget_of(bname)
     # PCA (80 eigenfaces of the attacker's faces): stronger than the VAE prior here (ORL seed 0, S3 top-1 0.60 vs 0.40)
     prior = INV.face_prior("pca", split.attacker.images, work=work, seed=seed, log=log)
@@ -309,7 +336,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
                 images["defences"][label] = torch.load(saved.with_suffix(".pt"), weights_only=False)
                 log(f"[privacy] {label}: reusing {saved}")
                 continue
-        cfg = target_config(split_name, label, dover, seed, b, out, len(vic))
+        cfg = target_config(split_name, label, dover, seed, b, out, len(vic), size)
         rec_stream = S5.StreamRecorder() if "S5" in scenarios else None
         res = train(cfg, resume=False, data=split.bundle(), tap=rec_stream)
         model = load_target(cfg, v)
@@ -384,7 +411,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
         log(f"[privacy] {label:12s} acc {acc:.3f}  leak " + "  ".join(f"{k} {x['leak']:.2f}" for k, x in sc_.items())
             + (f"  S5 blind rec@0.9 {sc_['S5']['blind']['recovered@0.9']:.2f} informed {sc_['S5']['informed']['recovered@0.9']:.2f}" if "S5" in sc_ else "")
             + f"  worst {row['identity_leak']:.3f} ({row['wall_s']:.0f} s)")
-    info = {"split": split.info, "seed": seed, "machine": mach, "budget": b, "judges": judge_info,
+    info = {"split": split.info, "seed": seed, "size": size, "machine": mach, "budget": b, "judges": judge_info,
             "wall_s": time.time() - t0, "scenarios": list(scenarios),
             "victims": v}
     result = {"info": info, "rows": rows}
@@ -395,7 +422,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
 
 
 def run_logged(split_name: str, tag: str, seed: int, budget: str, out: Path, defences, scenarios, work: Path,
-               resume: bool) -> str:
+               resume: bool, size: int = 56) -> str:
     """``run`` in a worker process (``python -m training.privacy --jobs N``): its log lines carry the set and
     seed, since runs interleave. Lives here, not in __main__, so a spawned worker can import it."""
     prefix = f"[{tag} s{seed}]"
@@ -404,5 +431,5 @@ def run_logged(split_name: str, tag: str, seed: int, budget: str, out: Path, def
         print(f"{prefix} {msg}", flush=True)
 
     t = time.time()
-    run(split_name, seed, budget, out, defences, scenarios, log=log, work=work, resume=resume)
+    run(split_name, seed, budget, out, defences, scenarios, log=log, work=work, resume=resume, size=size)
     return f"{prefix} finished in {(time.time() - t) / 60:.1f} min"
