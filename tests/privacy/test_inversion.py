@@ -205,3 +205,29 @@ def test_bad_arguments_fail_clearly(tmp_path):
     judge = _Flat()
     with pytest.raises(ValueError, match="one image per target"):
         I.judge_inversions(judge, torch.zeros(2, 1, 56, 56), torch.tensor([0]), to_float(faces), torch.arange(4).repeat_interleave(4))
+
+
+def test_augment_options_keep_range_and_default_to_the_plain_views():
+    x = torch.rand(5, 1, 56, 56) * 2 - 1
+    a = I.augment(x, torch.Generator().manual_seed(0), contrast=0.3, zoom=0.4)
+    assert a.shape == x.shape and a.abs().max() <= 1 and not torch.equal(a, x)
+    # contrast / zoom 0: exactly the flips and similarity warps of before
+    torch.testing.assert_close(I.augment(x, torch.Generator().manual_seed(1)),
+                               I.augment(x, torch.Generator().manual_seed(1), contrast=0.0, zoom=0.0))
+
+
+def test_public_faces_are_no_victim_and_not_in_the_judge_pool(orl_root):
+    """The prior's public LFW faces (public_faces): nobody the target trained on, nobody the judge trained on."""
+    from training.data import data_root
+    from training.privacy.data import get_split
+
+    if not (data_root() / "lfw").is_dir():
+        pytest.skip("LFW not found: the attacker keeps its own faces only")
+    for name in ("orl", "lfw"):
+        split = get_split(name, 1)
+        faces, info = I.public_faces(split)
+        names = set(info["names"])
+        assert names and not names & set(split.info["victims"]) and not names & set(split.judge.identities)
+        assert not names & set(split.info["attackers"])  # the attacker's own faces are not counted twice
+        assert faces.dtype == torch.uint8 and len(faces) == len(split.attacker.images) + info["lfw_images"]
+        torch.testing.assert_close(faces[: len(split.attacker.images)], split.attacker.images)
