@@ -63,7 +63,10 @@ TORCH_LIBRARY(fastmix, m) {
   m.def(
       "mix_fwd(Tensor x, Tensor index, Tensor weight, Tensor pos, int n_kept, SymInt seed, bool use_seed, "
       "bool pixels, Tensor row_mat, Tensor row_start, Tensor col_mat, Tensor col_start, "
-      "ScalarType? out_dtype) -> Tensor");
+      "ScalarType? out_dtype, Tensor? noise_scale=None, Tensor? noise_table=None, SymInt noise_seed=0) -> Tensor");
+  // Noise (when noise_table is given): every output coefficient gets noise_table[h >> (32 - B)] * noise_scale[channel]
+  // added after the sign flip, h the counter hash of noise_seed (csrc/noise.h, fastmix/ops/noise.py); noise_scale is
+  // float32 (C*64,), noise_table float32 (2^B,). An additive constant: mix_bwd does not see it.
   // seed is a SymInt so that torch.compile keeps it symbolic: a fresh seed per step (HybridMask) must not
   // recompile the graph. Kernels receive it as a plain int64.
   // Gradients of mix_fwd in x (deterministic: gathered through an inverse index, no atomics) and in weight.

@@ -27,7 +27,9 @@ Stream-attack options of the mixing defences (hybrid / adaptive / instahide; iss
     noise         "none" | "gaussian" | "laplace": noise added to every released coefficient after mixing, std
                   (Gaussian) or scale (Laplace) ``noise_scale`` x the coefficient range of its frequency
                   (``coefficient_range``): a data-independent scale, so a per-release DP bound exists
-                  (``dp_bound``).
+                  (``dp_bound``; the bound of the continuous mechanism: the fused sampler draws from a table of
+                  atoms, see fastmix/ops/noise.py). Drawn inside the fused frontend (``noise=``) from a seed the
+                  defence's generator draws: no noise tensor is materialised.
     partners      "batch": partners from the batch (``self_partner`` false: never the face itself);
                   "pool": every partner from a public face pool held by the client (``pool``, ``pool_size``
                   faces), InstaHide's cross-dataset mode; pool partners carry no label (loss weight 0, the
@@ -231,6 +233,8 @@ class Mixing(Defence):
                               channels=channels) if self.partners == "pool" else None
         sigma = coefficient_range()[torch.tensor([i % FREQS for i in (self.ids or range(channels * FREQS))])]
         self.register_buffer("sigma", (self.noise_scale * sigma).float().view(1, -1, 1, 1), persistent=False)
+        # the same scales per frequency (64,), the form the fused op takes (fastmix.frontend noise_scale=)
+        self.register_buffer("noise_freq_scale", (self.noise_scale * coefficient_range()).float(), persistent=False)
 
     def custom(self) -> bool:
         """True when a stream-attack option is set: the draws and the op run here, not in HybridMask."""
@@ -269,8 +273,8 @@ class Mixing(Defence):
             loss_w = w
         coef_key = self.sign_flip() and self.sign_key == "coefficient"
         seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=dev).item()) if coef_key else None
-        z = self.frontend(xs, keep=self.ids, index=index.to(x.device), weight=w.to(x.device), seed=seed)
-        z = self._noisy(z, gen)
+        z = self.frontend(xs, keep=self.ids, index=index.to(x.device), weight=w.to(x.device), seed=seed,
+                          **self._noise_args(gen))
         if self.sign_flip() and self.sign_key != "coefficient":
             shape = (n, z.shape[1], 1, 1) if self.sign_key == "channel" else (n, 1, z.shape[2], z.shape[3])
             key = torch.randint(0, 2, shape, generator=gen, device=dev).to(z.device, z.dtype) * 2 - 1
@@ -283,15 +287,14 @@ class Mixing(Defence):
             loss_w[:, 0] = 1.0
         return Masked(z, labels, loss_w.to(x.device))
 
-    def _noisy(self, z, gen):
+    def _noise_args(self, gen) -> dict:
+        """The fused op's noise arguments: the kind, a fresh noise seed from our generator (resumable), and the
+        per-frequency scale; added after the frontend's mixing and coefficient signs, before the channel /
+        block signs below, as the materialised noise it replaces."""
         if self.noise == "none" or self.noise_scale == 0.0:
-            return z
-        if self.noise == "gaussian":
-            e = torch.randn(z.shape, generator=gen, device=gen.device)
-        else:  # Laplace(0, 1) = E1 - E2, E exponential(1), from our generator (resumable)
-            u = torch.rand((2,) + tuple(z.shape), generator=gen, device=gen.device)
-            e = torch.log(u[0].clamp_min(1e-12)) - torch.log(u[1].clamp_min(1e-12))
-        return z + self.sigma.to(z.device, z.dtype) * e.to(z.device, z.dtype)
+            return {}
+        nseed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
+        return {"noise": self.noise, "noise_seed": nseed, "noise_scale": self.noise_freq_scale}
 
     def max_k(self) -> int:
         return int(self.cfg["k"])

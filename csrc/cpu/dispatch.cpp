@@ -156,9 +156,10 @@ at::Tensor block_dct_dispatch(const at::Tensor& x, int64_t block, bool inverse) 
 at::Tensor mix_fwd_dispatch(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weight, const at::Tensor& pos,
                             int64_t n_kept, int64_t seed, bool use_seed, bool pixels, const at::Tensor& row_mat,
                             const at::Tensor& row_start, const at::Tensor& col_mat, const at::Tensor& col_start,
-                            std::optional<at::ScalarType> out_dtype) {
+                            std::optional<at::ScalarType> out_dtype, const std::optional<at::Tensor>& noise_scale,
+                            const std::optional<at::Tensor>& noise_table, int64_t noise_seed) {
   return kernels().mix_fwd(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start,
-                           out_dtype);
+                           out_dtype, noise_scale, noise_table, noise_seed);
 }
 
 std::tuple<at::Tensor, at::Tensor> mix_bwd_dispatch(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& index,

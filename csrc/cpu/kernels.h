@@ -18,7 +18,8 @@
   at::Tensor mix_fwd_cpu(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weight, const at::Tensor& pos, \
                          int64_t n_kept, int64_t seed, bool use_seed, bool pixels, const at::Tensor& row_mat,         \
                          const at::Tensor& row_start, const at::Tensor& col_mat, const at::Tensor& col_start,         \
-                         std::optional<at::ScalarType> out_dtype);                                                   \
+                         std::optional<at::ScalarType> out_dtype, const std::optional<at::Tensor>& noise_scale,       \
+                         const std::optional<at::Tensor>& noise_table, int64_t noise_seed);                          \
   std::tuple<at::Tensor, at::Tensor> mix_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& index, \
                                                  const at::Tensor& weight, const at::Tensor& pos, int64_t seed,       \
                                                  bool use_seed, bool pixels, const at::Tensor& row_mat,              \

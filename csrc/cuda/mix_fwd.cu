@@ -22,10 +22,11 @@ namespace {
 at::Tensor mix_fwd_cuda(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weight, const at::Tensor& pos,
                         int64_t n_kept, int64_t seed, bool use_seed, bool pixels, const at::Tensor& row_mat,
                         const at::Tensor& row_start, const at::Tensor& col_mat, const at::Tensor& col_start,
-                        std::optional<at::ScalarType> out_dtype) {
+                        std::optional<at::ScalarType> out_dtype, const std::optional<at::Tensor>& noise_scale,
+                        const std::optional<at::Tensor>& noise_table, int64_t noise_seed) {
   const c10::cuda::CUDAGuard guard(x.device());
   return mix_fwd_impl(CudaExec{}, x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat,
-                      col_start, out_dtype);
+                      col_start, out_dtype, noise_scale, noise_table, noise_seed);
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // The fused hybrid mask on NVIDIA GPUs (fastmix::mix_fwd / fastmix::mix_bwd), the GPU twin of csrc/cpu/mix.cpp:
-// same geometry, same zero-weight skipping, same sign hash (csrc/sign.h).
+// same geometry, same zero-weight skipping, same sign hash (csrc/sign.h), same seeded noise (csrc/noise.h).
 //
 // Written once for two executors. csrc/cuda/mix_fwd.cu and mix_bwd.cu launch the kernels below on the current
 // CUDA stream (exec.cuh); tests/cuda/emulate.cpp runs the same thread bodies on the CPU, one loop iteration
@@ -40,6 +40,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../noise.h"
 #include "../sign.h"
 
 namespace fastmix {
@@ -104,6 +105,9 @@ struct Params {
   int C, H, W, K, Cw, n_kept, Hb, Wb, R, Rc;
   bool per_image, pixels, use_seed;
   uint32_t key;
+  bool use_noise;     // seeded noise after the sign flip (fastmix/ops/noise.py)
+  uint32_t noise_key;
+  int noise_shift;    // 32 - B for the 2^B-entry table
   FASTMIX_HD int64_t plane() const { return static_cast<int64_t>(Hb) * Wb; }
   FASTMIX_HD int64_t hw() const { return static_cast<int64_t>(H) * W; }
 };
@@ -260,6 +264,14 @@ struct FwdKernel {
   const uint32_t* __restrict__ planes;  // (M, C*64) when use_seed
   Geo<acc_t> g;
   out_t* __restrict__ out;
+  const uint32_t* __restrict__ noise_planes;  // (M, C*64) pre-mixed noise words when use_noise
+  const float* __restrict__ noise_scale;      // (C*64,)
+  const float* __restrict__ noise_table;      // (2^B,)
+
+  // Coefficient f's noise, table[hash] * scale (one float32 product: csrc/noise.h, fastmix/ops/noise.py).
+  FASTMIX_HD float noise(const uint32_t* nh, int64_t chan0, int f, uint32_t bw) const {
+    return noise_table[noise_index_premixed(nh[f], bw, p.noise_shift)] * noise_scale[chan0 + f];
+  }
 
   FASTMIX_HD void operator()(int64_t tid) const {
     const OutBlock<R, acc_t> ob(p, g, tid);
@@ -334,15 +346,18 @@ struct FwdKernel {
 
     const int64_t chan0 = static_cast<int64_t>(c) * NF;
     const uint32_t* ph = planes + mc * NF;  // this plane's 64 hash words (read only when use_seed)
+    const uint32_t* nh = noise_planes + mc * NF;  // its 64 noise words (read only when use_noise)
     const uint32_t bw = block_word(I, J);
     if constexpr (R == BS) {
       if (p.pixels) {
 #pragma unroll
         for (int f = 0; f < NF; ++f) {
-          if (pos[chan0 + f] < 0)
+          if (pos[chan0 + f] < 0) {
             Cf[f] = 0;
-          else if (p.use_seed && sign_flip_premixed(ph[f], bw))
-            Cf[f] = -Cf[f];
+            continue;
+          }
+          if (p.use_seed && sign_flip_premixed(ph[f], bw)) Cf[f] = -Cf[f];
+          if (p.use_noise) Cf[f] += static_cast<acc_t>(noise(nh, chan0, f, bw));
         }
         adjoint_transform<R>(Cf, bg);  // the block inverse
         out_t* dst = out + ((m * p.C + c) * p.H + r0) * p.W + s0;
@@ -359,6 +374,7 @@ struct FwdKernel {
       if (slot < 0) continue;
       acc_t v = Cf[f];
       if (p.use_seed && sign_flip_premixed(ph[f], bw)) v = -v;
+      if (p.use_noise) v += static_cast<acc_t>(noise(nh, chan0, f, bw));  // after the sign flip
       out[(m * p.n_kept + slot) * plane + q] = static_cast<out_t>(v);
     }
   }
@@ -647,6 +663,9 @@ inline Params make_params(const at::Tensor& x, const at::Tensor& index, const at
   p.use_seed = use_seed;
   TORCH_CHECK(!use_seed || seed >= 0, "mix (cuda): seed must be >= 0");
   p.key = seed_key(static_cast<uint64_t>(seed));
+  p.use_noise = false;
+  p.noise_key = 0;
+  p.noise_shift = 32;
   // R = 8 means the plain DCT geometry (the only one with R = 8): the kernels use the constant DCT matrix.
   if (pixels)
     TORCH_CHECK(p.R == BS && p.Rc == BS && p.Hb * BS == p.H && p.Wb * BS == p.W,
@@ -693,28 +712,67 @@ void dispatch_io(at::ScalarType in, at::ScalarType out, const char* name, F&& f)
   dispatch_reduced(in, name, [&](auto in_tag) { dispatch_reduced(out, name, [&](auto out_tag) { f(in_tag, out_tag); }); });
 }
 
-// (M, C*64) pre-mixed hash words of the signs (PlaneKernel), as uint32 in an int32 tensor.
+// (M, C*64) pre-mixed hash words of the signs (PlaneKernel), as uint32 in an int32 tensor; of the noise with
+// key = p.noise_key.
 template <class Exec>
-at::Tensor sign_planes(const Exec& exec, const Params& p, const at::Tensor& like) {
+at::Tensor sign_planes(const Exec& exec, const Params& p, const at::Tensor& like, uint32_t key) {
   at::Tensor t = at::empty({p.M, static_cast<int64_t>(p.C) * NF}, like.options().dtype(at::kInt));
-  exec(PlaneKernel{p.key, static_cast<int64_t>(p.C) * NF, reinterpret_cast<uint32_t*>(t.mutable_data_ptr<int32_t>())},
+  exec(PlaneKernel{key, static_cast<int64_t>(p.C) * NF, reinterpret_cast<uint32_t*>(t.mutable_data_ptr<int32_t>())},
        t.numel());
   return t;
+}
+template <class Exec>
+at::Tensor sign_planes(const Exec& exec, const Params& p, const at::Tensor& like) {
+  return sign_planes(exec, p, like, p.key);
+}
+
+// The noise arguments of mix_fwd (fastmix/ops/noise.py checks them for users first): sets p's noise fields
+// and returns the contiguous scale and table on x's device.
+inline std::tuple<at::Tensor, at::Tensor> set_noise(Params& p, const std::optional<at::Tensor>& scale,
+                                                    const std::optional<at::Tensor>& table, int64_t seed,
+                                                    const at::Tensor& x) {
+  if (!table.has_value()) {
+    TORCH_CHECK(!scale.has_value(), "mix (cuda): noise_scale needs noise_table");
+    return {};
+  }
+  TORCH_CHECK(scale.has_value(), "mix (cuda): noise_table needs noise_scale");
+  TORCH_CHECK(table->scalar_type() == at::kFloat && table->dim() == 1, "mix (cuda): noise_table must be float32 (2^B,)");
+  const int64_t size = table->numel();
+  int bits = 0;
+  while ((int64_t{1} << bits) < size) ++bits;
+  TORCH_CHECK(size >= 2 && (int64_t{1} << bits) == size && bits <= kNoiseMaxBits,
+              "mix (cuda): noise_table must hold 2^B entries, 1 <= B <= ", kNoiseMaxBits, ", got ", size);
+  TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->dim() == 1 && scale->numel() == static_cast<int64_t>(p.C) * NF,
+              "mix (cuda): noise_scale must be float32 (C*64,)");
+  TORCH_CHECK(seed >= 0, "mix (cuda): noise_seed must be >= 0");
+  TORCH_CHECK(table->device() == x.device() && scale->device() == x.device(),
+              "mix (cuda): noise_scale and noise_table must be on x's device");
+  p.use_noise = true;
+  p.noise_key = noise_key(static_cast<uint64_t>(seed));
+  p.noise_shift = 32 - bits;
+  return {scale->contiguous(), table->contiguous()};
 }
 
 template <class Exec>
 at::Tensor mix_fwd_impl(const Exec& exec, const at::Tensor& x_in, const at::Tensor& index_in,
                         const at::Tensor& weight_in, const at::Tensor& pos_in, int64_t n_kept, int64_t seed,
                         bool use_seed, bool pixels, const at::Tensor& row_mat, const at::Tensor& row_start,
-                        const at::Tensor& col_mat, const at::Tensor& col_start, std::optional<at::ScalarType> out_dtype) {
+                        const at::Tensor& col_mat, const at::Tensor& col_start, std::optional<at::ScalarType> out_dtype,
+                        const std::optional<at::Tensor>& noise_scale = std::nullopt,
+                        const std::optional<at::Tensor>& noise_table = std::nullopt, int64_t noise_seed = 0) {
   const at::Tensor x = x_in.contiguous(), index = index_in.contiguous(), pos = pos_in.to(at::kInt).contiguous();
-  const Params p = make_params(x, index, weight_in, n_kept, seed, use_seed, pixels, row_mat, col_mat);
+  Params p = make_params(x, index, weight_in, n_kept, seed, use_seed, pixels, row_mat, col_mat);
+  const auto [nscale, ntable] = set_noise(p, noise_scale, noise_table, noise_seed, x);
   const at::ScalarType od = out_dtype.value_or(x.scalar_type());
   at::Tensor out = pixels ? at::empty({p.M, p.C, p.H, p.W}, x.options().dtype(od))
                           : at::empty({p.M, n_kept, p.Hb, p.Wb}, x.options().dtype(od));
   if (out.numel() == 0) return out;
   const at::Tensor planes = use_seed ? sign_planes(exec, p, x) : pos;  // pos: an unread placeholder
   const auto* ph = reinterpret_cast<const uint32_t*>(planes.const_data_ptr<int32_t>());
+  const at::Tensor nplanes = p.use_noise ? sign_planes(exec, p, x, p.noise_key) : pos;  // pos: unread placeholder
+  const auto* nph = reinterpret_cast<const uint32_t*>(nplanes.const_data_ptr<int32_t>());
+  const float* nsp = p.use_noise ? nscale.const_data_ptr<float>() : nullptr;
+  const float* ntp = p.use_noise ? ntable.const_data_ptr<float>() : nullptr;
   const int64_t threads = p.M * p.C * p.plane();
   dispatch_io(x.scalar_type(), od, "mix_fwd (cuda)", [&](auto in_tag, auto out_tag) {
     using in_t = decltype(in_tag);
@@ -729,7 +787,7 @@ at::Tensor mix_fwd_impl(const Exec& exec, const at::Tensor& x_in, const at::Tens
       constexpr int R = decltype(r_tag)::value;
       exec(FwdKernel<R, in_t, out_t, acc_t>{p, x.const_data_ptr<in_t>(), index.const_data_ptr<int64_t>(),
                                             w.const_data_ptr<acc_t>(), pos.const_data_ptr<int>(), ph, g,
-                                            out.mutable_data_ptr<out_t>()},
+                                            out.mutable_data_ptr<out_t>(), nph, nsp, ntp},
            threads);
     });
   });

@@ -1,5 +1,5 @@
 """Op families, one per file: dct (block DCT and layouts), freq_mix (the fused hybrid mask),
-frontend (the fused frequency front-end), sign (the sign-flip key)."""
+frontend (the fused frequency front-end), sign (the sign-flip key), noise (the seeded noise draw)."""
 
 
 def register_all() -> None:

@@ -1,6 +1,9 @@
 """freq_mix family: the fused hybrid mask.
 
-    Y[m, c, f, i, j] = s(seed, m, c*64+f, i, j) * keep[c*64+f] * sum_t w[m, t, (c), f] * DCT8x8(x[index[m, t], c])[f, i, j]
+    Y[m, c, f, i, j] = keep[c*64+f] * (s(seed, m, c*64+f, i, j) * sum_t w[m, t, (c), f] * DCT8x8(x[index[m, t], c])[f, i, j]
+                                       + scale[c*64+f] * q(noise_seed, m, c*64+f, i, j))
+
+(the noise term only with ``noise=``: fastmix/ops/noise.py).
 
 Read top to bottom: argument normalisation -> reference -> the resampling "geometry" shared with the
 frontend -> op registration (fake + autograd for the C++ ops in csrc/cpu/mix.cpp) -> public function.
@@ -29,6 +32,7 @@ from ._common import (
     zeros_result,
 )
 from .dct import block_dct_ref, block_idct_ref, dct_matrix, from_channels, to_channels
+from .noise import check_noise, noise_ref
 from .sign import MAX_BLOCKS, check_seed, sign_ref
 
 BLOCK = 8
@@ -169,10 +173,11 @@ def check_out(out: str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def mix_channels_ref(ch: torch.Tensor, index, weight4, ids, seed, pixels: bool, out_dtype):
+def mix_channels_ref(ch: torch.Tensor, index, weight4, ids, seed, pixels: bool, out_dtype, noise=None):
     """Shared tail of the references: mix frequency channels (N, C*64, Hb, Wb) -> output.
 
-    weight4: (M, k) or (M, k, Cw, 64). Computes in ch's dtype; returns out_dtype.
+    weight4: (M, k) or (M, k, Cw, 64). noise: None or check_noise's (kind, seed, scale, table). Computes in
+    ch's dtype; returns out_dtype.
     """
     n, cc, hb, wb = ch.shape
     c = cc // FREQS
@@ -188,6 +193,10 @@ def mix_channels_ref(ch: torch.Tensor, index, weight4, ids, seed, pixels: bool, 
     y = (w * torch.where(w != 0, g, torch.zeros((), dtype=ch.dtype, device=ch.device))).sum(1)
     if seed is not None:
         y = y * sign_ref(seed, m, cc, hb, wb, device=ch.device, dtype=ch.dtype)
+    if noise is not None:
+        # after the sign flip; float32 draws (the specification's bits), added in the compute dtype
+        _, nseed, scale, table = noise
+        y = y + noise_ref(nseed, m, cc, hb, wb, table, scale, device=ch.device).to(ch.dtype)
     if pixels:
         keepmask = torch.zeros(cc, dtype=torch.bool, device=ch.device)
         keepmask[list(ids)] = True
@@ -197,12 +206,13 @@ def mix_channels_ref(ch: torch.Tensor, index, weight4, ids, seed, pixels: bool, 
 
 
 @exact_under_autocast
-def freq_mix_ref(x, index, weight, *, keep=None, seed=None, out="channels"):
-    """Pure-PyTorch reference of :func:`freq_mix` (materialises the gathered partners)."""
-    pixels, index, weight4, ids, seed = _validate(x, index, weight, keep, seed, out)
+def freq_mix_ref(x, index, weight, *, keep=None, seed=None, out="channels", noise=None, noise_seed=None,
+                 noise_scale=None):
+    """Pure-PyTorch reference of :func:`freq_mix` (materialises the gathered partners and the noise)."""
+    pixels, index, weight4, ids, seed, nz = _validate(x, index, weight, keep, seed, out, noise, noise_seed, noise_scale)
     cd = compute_dtype(x.dtype)
     ch = to_channels(block_dct_ref(x.to(cd)))
-    return mix_channels_ref(ch, index, weight4, ids, seed, pixels, x.dtype)
+    return mix_channels_ref(ch, index, weight4, ids, seed, pixels, x.dtype, nz)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,7 +286,7 @@ def register_ops() -> None:
 
 
 def mix_fwd_fake(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start,
-                 out_dtype):
+                 out_dtype, noise_scale=None, noise_table=None, noise_seed=0):
     """Output metadata of a mix_fwd op (the C++ ops and the Triton custom ops share it)."""
     dt = x.dtype if out_dtype is None else out_dtype
     m = index.shape[0]
@@ -287,13 +297,15 @@ def mix_fwd_fake(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat,
 
 def mix_autograd(bwd_op):
     """(backward, setup_context) of a mix_fwd op whose gradients come from ``bwd_op`` (the arguments of
-    fastmix::mix_bwd); shared by the C++ ops and the Triton custom ops. index, pos, seed and the geometry
-    get no gradient; x and weight get theirs only when asked."""
+    fastmix::mix_bwd); shared by the C++ ops and the Triton custom ops. index, pos, seed, the geometry and
+    the noise get no gradient; x and weight get theirs only when asked. The noise is an additive constant
+    (independent of x and weight), so the backward of the op with noise is the backward without it."""
 
     def setup(ctx, inputs, output):
-        x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, _ = inputs
+        x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start = inputs[:12]
         ctx.save_for_backward(x, index, weight, pos, row_mat, row_start, col_mat, col_start)
         ctx.args = (seed, use_seed, pixels)
+        ctx.n_inputs = len(inputs)
 
     def backward(ctx, grad):
         x, index, weight, pos, row_mat, row_start, col_mat, col_start = ctx.saved_tensors
@@ -301,7 +313,7 @@ def mix_autograd(bwd_op):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         gx, gw = bwd_op(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start,
                         need_x, need_w)
-        return (gx if need_x else None, None, gw if need_w else None) + (None,) * 10
+        return (gx if need_x else None, None, gw if need_w else None) + (None,) * (ctx.n_inputs - 3)
 
     return backward, setup
 
@@ -346,12 +358,15 @@ def mix_bwd_autograd(fwd_op, bwd_op):
     return backward, setup
 
 
-def mix_op(backend, x, index, weight4, ids, seed, pixels, rows, cols, out_dtype, op_name):
-    """Run the fused kernel of ``backend`` on validated arguments."""
+def mix_op(backend, x, index, weight4, ids, seed, pixels, rows, cols, out_dtype, op_name, noise=None):
+    """Run the fused kernel of ``backend`` on validated arguments (noise: check_noise's tuple or None)."""
     c = x.shape[1]
     pos = keep_positions(ids, c * FREQS, x.device)
     use_seed = seed is not None
     args = (x, index, weight4, pos, len(ids), seed or 0, use_seed, pixels, rows[0], rows[1], cols[0], cols[1], out_dtype)
+    if noise is not None:
+        _, nseed, scale, table = noise
+        args = args + (scale, table, nseed)
     if backend == "triton":
         from ._triton import mix as tmix
 
@@ -364,7 +379,7 @@ def mix_op(backend, x, index, weight4, ids, seed, pixels, rows, cols, out_dtype,
 # ----------------------------------------------------------------------------------------------------
 
 
-def _validate(x, index, weight, keep, seed, out):
+def _validate(x, index, weight, keep, seed, out, noise=None, noise_seed=None, noise_scale=None):
     check_float_tensor(x, "x", dims=4)
     pixels = check_out(out)
     n, c, h, w = x.shape
@@ -378,12 +393,15 @@ def _validate(x, index, weight, keep, seed, out):
     weight4 = check_weight(weight, m, k, c)
     ids = normalize_keep(keep, c * FREQS, x.device)
     seed = check_seed(seed)
-    return pixels, index, weight4, ids, seed
+    nz = check_noise(noise, noise_seed, noise_scale, c * FREQS, x.device)
+    return pixels, index, weight4, ids, seed, nz
 
 
 @exact_under_autocast
-def freq_mix(x, index, weight, *, keep=None, seed=None, out="channels"):
-    """Fused hybrid mask: block DCT, k-way weighted mixing, channel keep, sign flip (and inverse DCT).
+def freq_mix(x, index, weight, *, keep=None, seed=None, out="channels", noise=None, noise_seed=None,
+             noise_scale=None):
+    """Fused hybrid mask: block DCT, k-way weighted mixing, channel keep, sign flip, calibrated noise (and
+    inverse DCT).
 
     Args:
         x: (N, C, H, W) float32 / float16 / bfloat16 (float64 for checks); H, W multiples of 8.
@@ -391,6 +409,11 @@ def freq_mix(x, index, weight, *, keep=None, seed=None, out="channels"):
         weight: (M, k) per image, (M, k, 64) per frequency (shared by colours) or (M, k, C, 64).
         keep: None (all C*64 channels), a bool mask (C*64,) or (64,), ids (1-D int tensor or list of ints).
         seed: None (no sign flip) or an int in [0, 2**63): the one-time sign key (see fastmix.ops.sign).
+        noise: None, "gaussian" or "laplace": noise added to every kept coefficient after the sign flip,
+            drawn inside the op from ``noise_seed`` (an int in [0, 2**63); no noise tensor is materialised;
+            every backend draws the same bits: fastmix.ops.noise), with std (Gaussian) or scale b (Laplace)
+            ``noise_scale``: a number, or a float tensor (64,) per frequency or (C*64,) per channel id,
+            >= 0, a constant (no gradient). The gradient in x and weight is that without noise.
         out: "channels" -> (M, n_kept, H/8, W/8), kept channel ids ascending; "pixels" -> (M, C, H, W), the
             block inverse DCT of the masked, mixed, signed coefficients.
 
@@ -399,8 +422,9 @@ def freq_mix(x, index, weight, *, keep=None, seed=None, out="channels"):
         idx = fastmix.sample_partners(64, 4)
         w = fastmix.sample_weights(64, 4)
         z = fastmix.freq_mix(x, idx, w, keep=list(range(1, 192)), seed=1234)   # (64, 191, 14, 14)
+        z = fastmix.freq_mix(x, idx, w, seed=1234, noise="gaussian", noise_seed=99, noise_scale=0.5)
     """
-    pixels, index, weight4, ids, seed = _validate(x, index, weight, keep, seed, out)
+    pixels, index, weight4, ids, seed, nz = _validate(x, index, weight, keep, seed, out, noise, noise_seed, noise_scale)
     backend = _backend.choose(x.device, "freq_mix")
     m = index.shape[0]
     n, c, h, w = x.shape
@@ -411,9 +435,9 @@ def freq_mix(x, index, weight, *, keep=None, seed=None, out="channels"):
     if backend == "torch":
         cd = compute_dtype(x.dtype)
         ch = to_channels(block_dct_ref(x.to(cd)))
-        return mix_channels_ref(ch, index, weight4, ids, seed, pixels, x.dtype)
+        return mix_channels_ref(ch, index, weight4, ids, seed, pixels, x.dtype, nz)
     check_autodiff_mode("freq_mix", x, weight)
     cd = compute_dtype(x.dtype)
     rows = dct_geometry(h, cd, x.device)
     cols = dct_geometry(w, cd, x.device)
-    return mix_op(backend, x, index, weight4, ids, seed, pixels, rows, cols, None, "freq_mix")
+    return mix_op(backend, x, index, weight4, ids, seed, pixels, rows, cols, None, "freq_mix", nz)

@@ -40,6 +40,7 @@ from .freq_mix import (
     mix_op,
     normalize_keep,
 )
+from .noise import check_noise
 from .sign import MAX_BLOCKS, check_seed
 
 # JPEG (JFIF) full-range RGB -> YCbCr; Cb and Cr are offset by +128, then every channel is level-shifted
@@ -112,14 +113,15 @@ def upsample_ref(v: torch.Tensor, upsample: int) -> torch.Tensor:
 
 
 @exact_under_autocast
-def frontend_ref(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None, seed=None, out_dtype=None):
+def frontend_ref(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None, seed=None, out_dtype=None,
+                 noise=None, noise_seed=None, noise_scale=None):
     """Pure-PyTorch reference of :func:`frontend`: materialises the upsampled image (what users run today)."""
-    args = _validate(x, upsample, color, keep, index, weight, seed, out_dtype)
-    index, weight4, ids, seed, out_dtype = args
+    args = _validate(x, upsample, color, keep, index, weight, seed, out_dtype, noise, noise_seed, noise_scale)
+    index, weight4, ids, seed, out_dtype, nz = args
     cd = compute_dtype(x.dtype)
     u = color_transform(upsample_ref(to_255(x.to(cd)), upsample), color)
     ch = to_channels(block_dct_ref(u))
-    return mix_channels_ref(ch, index, weight4, ids, seed, False, out_dtype)
+    return mix_channels_ref(ch, index, weight4, ids, seed, False, out_dtype, nz)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def _upsample_geometry(size, upsample, dtype, device):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _validate(x, upsample, color, keep, index, weight, seed, out_dtype):
+def _validate(x, upsample, color, keep, index, weight, seed, out_dtype, noise=None, noise_seed=None, noise_scale=None):
     check_float_tensor(x, "x", dims=4)
     if isinstance(upsample, bool) or not isinstance(upsample, int):
         raise TypeError(f"upsample must be an int, got {type(upsample).__name__}")
@@ -263,17 +265,20 @@ def _validate(x, upsample, color, keep, index, weight, seed, out_dtype):
         index = check_index(index, n)
         weight4 = check_weight(weight, index.shape[0], index.shape[1], c)
     ids = normalize_keep(keep, c * FREQS, x.device)
-    return index, weight4, ids, check_seed(seed), x.dtype if out_dtype is None else out_dtype
+    nz = check_noise(noise, noise_seed, noise_scale, c * FREQS, x.device)
+    return index, weight4, ids, check_seed(seed), x.dtype if out_dtype is None else out_dtype, nz
 
 
 @exact_under_autocast
-def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None, seed=None, out_dtype=None):
+def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None, seed=None, out_dtype=None,
+             noise=None, noise_seed=None, noise_scale=None):
     """Fused frequency front-end: images -> (masked, mixed, signed) DCT channels of the upsampled image.
 
     Args:
         x: (N, C, h, w) in [-1, 1]; C = 3 for color="ycbcr", any C for color="none" (grey faces: C = 1).
         upsample: integer bilinear factor (align_corners=True); h*upsample and w*upsample multiples of 8.
         keep, index, weight, seed: as :func:`fastmix.freq_mix` (index/weight None: no mixing, M = N).
+        noise, noise_seed, noise_scale: calibrated noise on the released coefficients, as :func:`fastmix.freq_mix`.
         out_dtype: output dtype (default x.dtype), e.g. torch.bfloat16 to halve the written bytes.
 
     Returns (M, n_kept, h*upsample/8, w*upsample/8); differentiable in x and weight. Example::
@@ -281,7 +286,8 @@ def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None
         z = fastmix.frontend(faces, keep=list(range(1, 64)) + list(range(65, 128)) + list(range(129, 192)))
         # faces (B, 3, 112, 112) -> z (B, 189, 112, 112)
     """
-    index, weight4, ids, seed, out_dtype = _validate(x, upsample, color, keep, index, weight, seed, out_dtype)
+    index, weight4, ids, seed, out_dtype, nz = _validate(x, upsample, color, keep, index, weight, seed, out_dtype, noise,
+                                                         noise_seed, noise_scale)
     n, c, h, w = x.shape
     m = index.shape[0]
     hb, wb = h * upsample // BLOCK, w * upsample // BLOCK
@@ -291,7 +297,7 @@ def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None
     cd = compute_dtype(x.dtype)
     if backend == "torch":
         u = color_transform(upsample_ref(to_255(x.to(cd)), upsample), color)
-        return mix_channels_ref(to_channels(block_dct_ref(u)), index, weight4, ids, seed, False, out_dtype)
+        return mix_channels_ref(to_channels(block_dct_ref(u)), index, weight4, ids, seed, False, out_dtype, nz)
     check_autodiff_mode("frontend", x, weight)
     # The colour transform runs at source resolution (1/upsample^2 of the work), as its own pass with its
     # own gradient (torch ops, or one Triton kernel: CONFIG["color_pass"]); the fused kernel does
@@ -299,7 +305,7 @@ def frontend(x, *, upsample=8, color="ycbcr", keep=None, index=None, weight=None
     src = _color_pass(x, color, cd, backend)
     rows = upsample_geometry(h, upsample, cd, x.device)
     cols = upsample_geometry(w, upsample, cd, x.device)
-    return mix_op(backend, src, index, weight4, ids, seed, False, rows, cols, out_dtype, "frontend")
+    return mix_op(backend, src, index, weight4, ids, seed, False, rows, cols, out_dtype, "frontend", nz)
 
 
 def _color_pass(x, color, cd, backend):

@@ -63,8 +63,8 @@ def mix32_tensor(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def check_seed(seed) -> int | None:
-    """Validate a user seed: None or an int in [0, 2**63)."""
+def check_seed(seed, name: str = "seed") -> int | None:
+    """Validate a user seed: None or an int in [0, 2**63). ``name``: the argument, for the messages."""
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -77,9 +77,9 @@ def check_seed(seed) -> int | None:
                 raise TypeError
             seed = operator.index(seed)
         except TypeError:
-            raise TypeError(f"seed must be None or an int, got {type(seed).__name__}") from None
+            raise TypeError(f"{name} must be None or an int, got {type(seed).__name__}") from None
     if not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
     return int(seed)
 
 

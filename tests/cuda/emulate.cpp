@@ -20,9 +20,10 @@ struct HostExec {
 at::Tensor mix_fwd_emu(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weight, const at::Tensor& pos,
                        int64_t n_kept, int64_t seed, bool use_seed, bool pixels, const at::Tensor& row_mat,
                        const at::Tensor& row_start, const at::Tensor& col_mat, const at::Tensor& col_start,
-                       std::optional<at::ScalarType> out_dtype) {
+                       std::optional<at::ScalarType> out_dtype, const std::optional<at::Tensor>& noise_scale,
+                       const std::optional<at::Tensor>& noise_table, int64_t noise_seed) {
   return fastmix::gpu::mix_fwd_impl(HostExec{}, x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat,
-                                    row_start, col_mat, col_start, out_dtype);
+                                    row_start, col_mat, col_start, out_dtype, noise_scale, noise_table, noise_seed);
 }
 
 std::tuple<at::Tensor, at::Tensor> mix_bwd_emu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& index,
@@ -40,7 +41,7 @@ TORCH_LIBRARY(fastmix_cuda_emu, m) {
   m.def(
       "mix_fwd(Tensor x, Tensor index, Tensor weight, Tensor pos, int n_kept, int seed, bool use_seed, "
       "bool pixels, Tensor row_mat, Tensor row_start, Tensor col_mat, Tensor col_start, "
-      "ScalarType? out_dtype) -> Tensor");
+      "ScalarType? out_dtype, Tensor? noise_scale=None, Tensor? noise_table=None, int noise_seed=0) -> Tensor");
   m.def(
       "mix_bwd(Tensor grad, Tensor x, Tensor index, Tensor weight, Tensor pos, int seed, bool use_seed, "
       "bool pixels, Tensor row_mat, Tensor row_start, Tensor col_mat, Tensor col_start, "

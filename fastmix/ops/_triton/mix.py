@@ -7,8 +7,9 @@ csrc/cpu/mix.cpp. Every output block (m, c, I, J) is
     C = A_I @ P @ B_J^T,   P = sum_t w[m, t] X[index[m, t], c, r_I : r_I + RA, s_J : s_J + RB]    (per image)
     C = sum_t where(w[m, t, c, :] != 0, w[m, t, c, :] * (A_I @ P_t @ B_J^T), 0)                  (per frequency)
 
-masked by ``pos`` (output slot per channel id, -1 = removed), signed by the counter hash of the seed, and
-written as channels (M, n_kept, Hb, Wb) or, for the plain DCT geometry only, as pixels A^T C B.
+masked by ``pos`` (output slot per channel id, -1 = removed), signed by the counter hash of the seed, with
+the seeded noise added after the sign (fastmix/ops/noise.py: a hash of the noise seed indexes the float32
+table the op receives, times the channel's scale; ``USE_NOISE``), and written as channels (M, n_kept, Hb, Wb) or, for the plain DCT geometry only, as pixels A^T C B.
 A partner whose weight is exactly zero is skipped (no read, no NaN leak, zero weight gradient).
 
 Two geometries, two kernel families (chosen from shapes, no host sync):
@@ -71,6 +72,7 @@ import triton.language as tl
 from . import CONFIG, dot_precision, interpreter_compat, option, row_fastest, tile_config
 from .dct import _cast_out, _kron8, _tile_coords, block_dct_forward, check_plane, rne_bf16
 from ..freq_mix import mix_autograd, mix_bwd_autograd, mix_fwd_fake
+from .noise import _noise, noise_kernel_key, table_shift
 from .sign import _apply_sign, _apply_sign_premixed, _plane_hash, kernel_key, sign_planes
 
 BLOCK = 8
@@ -83,8 +85,10 @@ FREQS = 64
 
 
 def mix_reference(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start,
-                  out_dtype=None):
-    """fastmix::mix_fwd in plain PyTorch, computing in x's dtype (float64 checks). Materialises every patch."""
+                  out_dtype=None, noise_scale=None, noise_table=None, noise_seed=0):
+    """fastmix::mix_fwd in plain PyTorch, computing in x's dtype (float64 checks). Materialises every patch
+    and the noise."""
+    from ..noise import noise_ref
     from ..sign import sign_ref
 
     n, c, h, w = x.shape
@@ -107,6 +111,8 @@ def mix_reference(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat
     y = (wt * torch.where(wt != 0, g, torch.zeros((), dtype=x.dtype, device=x.device))).sum(1)
     if use_seed:
         y = y * sign_ref(seed, m, c * FREQS, hb, wb, device=x.device, dtype=x.dtype)
+    if noise_table is not None:
+        y = y + noise_ref(noise_seed, m, c * FREQS, hb, wb, noise_table, noise_scale, device=x.device).to(x.dtype)
     keep = pos >= 0
     od = x.dtype if out_dtype is None else out_dtype
     if pixels:
@@ -186,10 +192,11 @@ def _static_partners(src_ptr, idx_ptr, w_ptr, m, c, N, C, HW, KS: tl.constexpr):
 
 @triton.jit
 def _mix_fwd_dct_kernel(
-    src_ptr, idx_ptr, w_ptr, pos_ptr, a_ptr, b_ptr, out_ptr,
-    N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key, M,
+    src_ptr, idx_ptr, w_ptr, pos_ptr, a_ptr, b_ptr, out_ptr, nscale_ptr, ntable_ptr,
+    N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key, M, nkey,
     PER_IMAGE: tl.constexpr, PIXELS: tl.constexpr, USE_SEED: tl.constexpr, COEF_IN: tl.constexpr,
     KS: tl.constexpr, ROW_FASTEST: tl.constexpr, RNE_BF16: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
+    USE_NOISE: tl.constexpr = False, NSHIFT: tl.constexpr = 16,
 ):
     # One program: output m, colour c, BL blocks. src is x (N, C, H, W), or with COEF_IN its block DCT in
     # the channel layout (N, C*64, Hb, Wb) (per-frequency weights: transforming every partner of every
@@ -243,6 +250,8 @@ def _mix_fwd_dct_kernel(
     slot = tl.load(pos_ptr + c * 64 + g)  # [64] output slot of each channel id, -1 = removed
     if USE_SEED:
         coef = _signed(coef, key, m, c * 64 + g, bi, bj)
+    if USE_NOISE:  # after the sign flip (fastmix/ops/noise.py)
+        coef = coef + _noise(nkey, m, (c * 64 + g)[None, :], bi[:, None], bj[:, None], nscale_ptr, ntable_ptr, NSHIFT)
     if PIXELS:
         coef = tl.where(slot[None, :] >= 0, coef, 0.0)
         px = tl.dot(coef, _kron8(a_ptr, b_ptr, False), input_precision=PREC)
@@ -492,9 +501,11 @@ def _mixed_patch_transform(x_ptr, idx_ptr, w_ptr, m, c, N, C, HW, W, porg, lmask
 @triton.jit
 def _mix_fwd_kernel(
     x_ptr, idx_ptr, w_ptr, pos_ptr, a_ptr, rs_ptr, b_ptr, cs_ptr, ru_ptr, cu_ptr, plane_ptr, out_ptr,
-    N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key,
+    nscale_ptr, ntable_ptr,
+    N, C, HW, W, Wb, HbWb, K, CW, n_kept, n_tiles, key, nkey,
     RA: tl.constexpr, RB: tl.constexpr, PER_IMAGE: tl.constexpr, USE_SEED: tl.constexpr,
     KS: tl.constexpr, PLANES: tl.constexpr, PREMIXED: tl.constexpr, RNE_BF16: tl.constexpr, BL: tl.constexpr,
+    USE_NOISE: tl.constexpr = False, NSHIFT: tl.constexpr = 16,
 ):
     # One program: output m, colour c, BL blocks (consecutive along the (Hb, Wb) plane, so each channel's
     # store is a contiguous run of BL values). KS > 0: per-image weights with K == KS partners, unrolled
@@ -546,6 +557,8 @@ def _mix_fwd_kernel(
                 acc = _apply_sign(acc, word, bi, bj)
         else:
             acc = _apply_sign(acc, _plane_hash(key, m, c * 64 + f3), bi, bj)
+    if USE_NOISE:  # after the sign flip (fastmix/ops/noise.py)
+        acc = acc + _noise(nkey, m, c * 64 + f3, bi, bj, nscale_ptr, ntable_ptr, NSHIFT)
     optr = out_ptr + (m * n_kept + slot3) * HbWb + L
     tl.store(optr, _cast_out(acc, out_ptr, RNE_BF16), mask=lmask & (slot3 >= 0))
 
@@ -737,7 +750,7 @@ MAX_STATIC_K = 8  # partner counts up to this are unrolled in the forward (fwd_s
 
 
 def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start,
-                out_dtype=None):
+                out_dtype=None, noise_scale=None, noise_table=None, noise_seed=0):
     """Launch the forward kernel of the geometry. Arguments as fastmix::mix_fwd (csrc/fastmix.cpp)."""
     interpreter_compat()
     n, c, h, w = x.shape
@@ -756,6 +769,14 @@ def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, 
     idx = index.contiguous()
     posc = pos.to(torch.int32).contiguous()
     key = kernel_key(seed) if use_seed else 0
+    use_noise = noise_table is not None
+    if use_noise:
+        _check_noise_args(noise_scale, noise_table, noise_seed, c)
+        nscale, ntable = noise_scale.to(torch.float32).contiguous(), noise_table.contiguous()
+        nkey, nshift = noise_kernel_key(noise_seed), table_shift(noise_table)
+    else:
+        nscale = ntable = posc  # unread placeholders
+        nkey, nshift = 0, 16
     xc = x.contiguous()
     # freq_mix with per-image weights and a channels output can also run on the resampling kernel (its
     # geometry is then A_I = B_J = D, R = 8): one block per thread, the transform as FMAs in registers.
@@ -771,10 +792,11 @@ def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, 
         src = block_dct_forward(xc, False, channels=True, out_dtype=torch.float32) if coef_in else xc
         ks = k if per_image and CONFIG["fwd_dct_static_k"] and k <= MAX_STATIC_K else 0
         _mix_fwd_dct_kernel[(m * c * n_tiles,)](
-            src, idx, w32, posc, _f32(row_mat[0]), _f32(col_mat[0]), out,
-            n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key, m,
+            src, idx, w32, posc, _f32(row_mat[0]), _f32(col_mat[0]), out, nscale, ntable,
+            n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key, m, nkey,
             PER_IMAGE=per_image, PIXELS=bool(pixels), USE_SEED=bool(use_seed), COEF_IN=coef_in, KS=ks,
-            ROW_FASTEST=row_fastest(), RNE_BF16=rne_bf16(), BL=bl, PREC=prec, num_warps=nw,
+            ROW_FASTEST=row_fastest(), RNE_BF16=rne_bf16(), BL=bl, PREC=prec, USE_NOISE=use_noise, NSHIFT=nshift,
+            num_warps=nw,
         )
     else:
         bl = CONFIG["fwd_blocks"]
@@ -787,11 +809,24 @@ def mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, 
         plane_t = sign_planes(key, m, c * 64, x.device, premixed) if planes else posc  # posc: an unread placeholder
         _mix_fwd_kernel[(m * c * n_tiles,)](
             xc, idx, w32, posc, _f32(row_mat), row_start.contiguous(), _f32(col_mat), col_start.contiguous(), ru, cu,
-            plane_t, out, n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key,
+            plane_t, out, nscale, ntable, n, c, h * w, w, wb, hb * wb, k, cw, n_kept, n_tiles, key, nkey,
             RA=row_mat.shape[2], RB=col_mat.shape[2], PER_IMAGE=per_image, USE_SEED=bool(use_seed),
-            KS=ks, PLANES=planes, PREMIXED=premixed, RNE_BF16=rne_bf16(), BL=bl, num_warps=CONFIG["fwd_warps"],
+            KS=ks, PLANES=planes, PREMIXED=premixed, RNE_BF16=rne_bf16(), BL=bl, USE_NOISE=use_noise, NSHIFT=nshift,
+            num_warps=CONFIG["fwd_warps"],
         )
     return out
+
+
+def _check_noise_args(scale, table, seed, c):
+    """The C++ op's checks of the noise arguments (fastmix.ops.noise.check_noise gives users friendlier ones)."""
+    size = table.numel()
+    bits = size.bit_length() - 1
+    if table.dtype != torch.float32 or table.dim() != 1 or size != 1 << bits or not 1 <= bits <= 16:
+        raise ValueError(f"mix: noise_table must be float32 (2^B,) with 1 <= B <= 16, got {table.dtype} {tuple(table.shape)}")
+    if scale is None or scale.dtype != torch.float32 or tuple(scale.shape) != (c * FREQS,):
+        raise ValueError(f"mix: noise_scale must be float32 ({c * FREQS},)")
+    if seed < 0:
+        raise ValueError("mix: noise_seed must be >= 0")
 
 
 def inverse_index(index: torch.Tensor, n: int):
@@ -948,10 +983,11 @@ def mix_backward(grad, x, index, weight, pos, seed, use_seed, pixels, row_mat, r
 def mix_fwd_triton(
     x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, n_kept: int, seed: int,
     use_seed: bool, pixels: bool, row_mat: torch.Tensor, row_start: torch.Tensor, col_mat: torch.Tensor,
-    col_start: torch.Tensor, out_dtype: Optional[torch.dtype],
+    col_start: torch.Tensor, out_dtype: Optional[torch.dtype], noise_scale: Optional[torch.Tensor] = None,
+    noise_table: Optional[torch.Tensor] = None, noise_seed: int = 0,
 ) -> torch.Tensor:
     return mix_forward(x, index, weight, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat,
-                       col_start, out_dtype)
+                       col_start, out_dtype, noise_scale, noise_table, noise_seed)
 
 
 mix_fwd_triton.register_fake(mix_fwd_fake)
@@ -985,7 +1021,8 @@ mix_bwd_triton.register_autograd(_backward, setup_context=_setup)
 # ----------------------------------------------------------------------------------------------------
 
 
-def mix(x, index, weight4, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, out_dtype):
+def mix(x, index, weight4, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, out_dtype,
+        noise_scale=None, noise_table=None, noise_seed=0):
     """The fused mix through Triton; arguments exactly those of fastmix::mix_fwd (validated by the caller).
 
     float64 inputs (checks, gradcheck) run mix_reference instead: exact float64 and differentiable, where
@@ -993,7 +1030,8 @@ def mix(x, index, weight4, pos, n_kept, seed, use_seed, pixels, row_mat, row_sta
     """
     if x.dtype == torch.float64:
         return mix_reference(x, index, weight4, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat,
-                             col_start, out_dtype)
+                             col_start, out_dtype, noise_scale, noise_table, noise_seed)
     return torch.ops.fastmix.mix_fwd_triton(
-        x, index, weight4, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, out_dtype
+        x, index, weight4, pos, n_kept, seed, use_seed, pixels, row_mat, row_start, col_mat, col_start, out_dtype,
+        noise_scale, noise_table, noise_seed,
     )
