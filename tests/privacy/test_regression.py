@@ -176,6 +176,22 @@ def test_cli_size_112_runs_at_that_geometry_and_is_judged_at_56(orl_root, tmp_pa
     assert e.value.code == 2
 
 
+def test_cli_variant_meets_the_adapted_stream_attack(orl_root, tmp_path, smoke_judges, capsys):
+    """An issue-15 variant named in --defences (per-frequency weights) runs through the same pipeline, and S5
+    meets it with its adaptation (stream.adapted_attacks) besides the standard attack."""
+    import json
+
+    from training.privacy.__main__ import main
+
+    work = work_with_judges(tmp_path, smoke_judges)
+    assert main(["--budget", "smoke", "--sets", "orl", "--seeds", "0", "--defences", "freqw_k2", "--scenarios", "S5",
+                 "--out", str(tmp_path / "res"), "--work", str(work)]) == 0
+    assert "S5 adapted to mix_weights" in capsys.readouterr().out
+    row = json.loads((work / "orl_s0" / "run.json").read_text())["rows"][0]
+    assert row["defence"] == "freqw_k2" and row["config"]["mix_weights"] == "frequency"
+    assert {"recovered@0.9", "per_victim"} <= set(row["scenarios"]["S5"]["informed"])
+
+
 def test_lfw_split_is_identity_disjoint():
     from training.data import data_root
     from training.privacy.data import lfw_split

@@ -29,7 +29,7 @@ from training.config import project_root
 from training.results import machine
 
 from . import report
-from .run import BUDGETS, DEFENCES, JUDGES, SCENARIOS, rescore, run, run_logged
+from .run import BUDGETS, DEFENCES, JUDGES, SCENARIOS, VARIANTS, rescore, run, run_logged
 
 
 def _same_request(r: dict, defs, scenarios: tuple, budget: dict, size: int = 56) -> bool:
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
                     "one sub-folder per identity, any format Pillow reads)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--budget", default="full", choices=sorted(BUDGETS))
-    ap.add_argument("--defences", default=None, help="comma-separated labels (default: all): " + ",".join(d for d, _ in DEFENCES))
+    ap.add_argument("--defences", default=None, help="comma-separated labels (default: every defence of training/): " + ",".join(d for d, _ in DEFENCES)
+                    + "; or the stream-option variants of issue 15 (DEFENCES.md): " + ",".join(VARIANTS))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--out", default=None, help="report folder (default training/privacy/results)")
     ap.add_argument("--work", default=None, help="per-run folder (default out/privacy)")
@@ -98,8 +99,9 @@ def main(argv=None) -> int:
             ap.error(f"--sets: unknown set {s_!r}; use orl, lfw or folder:PATH")
         if s_.startswith("folder:") and not Path(s_[len("folder:"):]).expanduser().is_dir():
             ap.error(f"--sets: {s_!r}: {s_[len('folder:'):]} is not a folder (expected PATH/<identity>/<image>)")
-    labels = [d for d, _ in DEFENCES]
-    wanted = labels if not a.defences else [x.strip() for x in a.defences.split(",") if x.strip()]
+    everything = DEFENCES + list(VARIANTS.items())  # the variants only when named
+    labels = [d for d, _ in everything]
+    wanted = [d for d, _ in DEFENCES] if not a.defences else [x.strip() for x in a.defences.split(",") if x.strip()]
     unknown = [x for x in wanted if x not in labels]
     if unknown or not wanted:
         ap.error(f"--defences: unknown label(s) {unknown or [a.defences]}; choose from {','.join(labels)}")
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else root / "training" / "privacy" / "results"
     work = Path(a.work) if a.work else root / "out" / "privacy"
     out.mkdir(parents=True, exist_ok=True)
-    defs = [d for d in DEFENCES if d[0] in wanted]
+    defs = [d for d in everything if d[0] in wanted]
     mach = machine()
     mach["torch_threads"] = 1
     tm = (Path(__file__).parent / "THREAT_MODEL.md").read_text()

@@ -443,6 +443,7 @@ def attack_stream(defence, stream: Stream, rows_per_epoch: int, variant: str, *,
             means, inf, _ = unmix_informed(z, stream.labels, stream.weights, per, init=None, seed=seed)
             out["sources"] = torch.cat([inf, blind, means])  # the identity means: what survives when N > D
             out["identity_means"] = means
+            cache["informed"] = out["sources"]  # adapted_attacks builds on them
     elif method == "repeat_averaging":
         own = stream.labels[:, 0] if variant == "informed" else None
         out["sources"] = average_repeats(z, n_src, own, per, seed=seed)
@@ -739,3 +740,50 @@ def unmix_known_pool(z: torch.Tensor, group: torch.Tensor, candidates: torch.Ten
             clean[i : i + chunk] = (zz - (coef[:, 1:].unsqueeze(2) * a[:, 1:]).sum(1)) / own
         src = group_average(clean.float(), group).double()
     return src.float()
+
+
+def adapted_attacks(defence, options: dict, stream: Stream, rows_per_epoch: int, attacker_faces: torch.Tensor, *,
+                    seed: int = 0, rounds: int = 20, cache: dict | None = None):
+    """The adaptations of S5 to the mixing defences' stream options (``options``: the defence config --
+    ``mix_weights``, ``noise``, ``partners``, ``sign_key``; DEFENCES.md measured each), beyond what
+    ``attack_stream`` does. Yields (attack name, variant, candidate sources (R, D)); the informed server
+    also runs every blind one. ``cache``: the one ``attack_stream`` filled (its blind / informed sources).
+
+    - per-frequency weights: ``unmix_per_frequency`` from the blind sources;
+    - noise: whiten by the public per-channel noise scale before unmixing, then per-channel Wiener shrinkage;
+    - client-pool partners: remove the pool's mean face (the attacker's own mean face) at plausible own
+      weights, and group-and-average a face's repeats (blind k-means, or within each known identity);
+    - per-channel / per-block sign keys: canonical signs from the mean face, then blind unmixing.
+    """
+    cache = {} if cache is None else cache
+    z, shape = stream.z, stream.shape
+    k = int(options.get("k", 1))
+    n_src = 2 * rows_per_epoch
+    enc = unmixed_space(defence)
+    mean_face = enc(attacker_faces).mean(0)
+    if options.get("mix_weights") == "frequency":
+        x = unmix_per_frequency(z, shape, n_src, k, init=cache.get("blind"), rounds=8)
+        cache["perfreq"] = x
+        yield "per_frequency", "blind", x
+    if options.get("noise", "none") != "none":
+        sig = defence.sigma.flatten().double()
+        c, h, w = shape
+        wgt = (1.0 / sig).repeat_interleave(h * w)
+        xw = (unmix_blind(z.double() * wgt, n_src, k, rounds=rounds, seed=seed).double() / wgt).float()
+        yield "whitened", "blind", xw
+        nv = residual_noise_var(z, xw, k, sig, shape)
+        cand = [xw] + [cache[key] for key in ("blind", "perfreq") if key in cache]
+        yield "whitened+wiener", "blind", torch.cat([wiener_channels(s, shape, nv) for s in cand])
+    if options.get("partners") == "pool":
+        for variant in ("blind", "informed"):
+            src = cache.get(variant)
+            if src is not None:
+                yield "pool_debias", variant, torch.cat([pool_debias(src, mean_face, w) for w in (0.35, 0.5, 0.65)])
+        for variant in ("blind", "informed"):
+            own = stream.labels[:, 0] if variant == "informed" else None
+            per = faces_per_identity(stream, rows_per_epoch) if variant == "informed" else None
+            src = average_repeats(z, n_src, own, per, seed=seed)
+            yield "repeat_avg+debias", variant, torch.cat([src] + [pool_debias(src, mean_face, w) for w in (1 / k, 0.5)])
+    if method_of(defence) == "sign_clusters" and options.get("sign_key") in ("channel", "block"):
+        yield "canonical_signs", "blind", unmix_signed_groups(z, shape, options["sign_key"], mean_face, n_src, k,
+                                                              rounds=rounds, seed=seed)

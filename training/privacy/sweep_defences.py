@@ -26,38 +26,10 @@ from . import run as R
 from . import stream as S5
 from .data import get_split
 
-BASE = {"name": "hybrid", "k": 2, "sign_flip": False}
-VARIANTS = {
-    # accuracy references at the same budget (issue 15's target: no worse than the best of these)
-    "dctdp": {"name": "dctdp"},
-    "partialface": {"name": "partialface"},
-    "hybrid_k2": dict(BASE),
-    # (c) partners never the face itself
-    "noself_k2": {**BASE, "self_partner": False},
-    # (a) a weight row per frequency
-    "freqw_k2": {**BASE, "mix_weights": "frequency", "self_partner": False},
-    "freqw_k4": {**BASE, "k": 4, "mix_weights": "frequency", "self_partner": False},
-    # (b) mixing + Gaussian noise, std = scale x coefficient range (0.01: noise energy ~0.5 x a face's)
-    "noise_g005_k2": {**BASE, "self_partner": False, "noise": "gaussian", "noise_scale": 0.005},
-    "noise_g01_k2": {**BASE, "self_partner": False, "noise": "gaussian", "noise_scale": 0.01},
-    "noise_g03_k2": {**BASE, "self_partner": False, "noise": "gaussian", "noise_scale": 0.03},
-    "noise_l01_k2": {**BASE, "self_partner": False, "noise": "laplace", "noise_scale": 0.01},
-    # (c) partners from the client's public pool (InstaHide cross-dataset)
-    "pool_k2": {**BASE, "partners": "pool", "pool_size": 2000},
-    "pool_k4": {**BASE, "k": 4, "partners": "pool", "pool_size": 2000},
-    "pool_k3": {**BASE, "k": 3, "partners": "pool", "pool_size": 2000},
-    "pool_k6": {**BASE, "k": 6, "partners": "pool", "pool_size": 2000},
-    "pool_noise_g01_k2": {**BASE, "partners": "pool", "pool_size": 2000, "noise": "gaussian", "noise_scale": 0.01},
-    "pool_noise_g01_k4": {**BASE, "k": 4, "partners": "pool", "pool_size": 2000, "noise": "gaussian", "noise_scale": 0.01},
-    "pool_noise_g02_k4": {**BASE, "k": 4, "partners": "pool", "pool_size": 2000, "noise": "gaussian", "noise_scale": 0.02},
-    # (d) sign keys per row and channel / block
-    "signch_k2": {**BASE, "self_partner": False, "sign_flip": True, "sign_key": "channel"},
-    "signblk_k2": {**BASE, "self_partner": False, "sign_flip": True, "sign_key": "block"},
-    # combinations
-    "pool_freqw_k2": {**BASE, "partners": "pool", "pool_size": 2000, "mix_weights": "frequency"},
-    "pool_freqw_noise01_k2": {**BASE, "partners": "pool", "pool_size": 2000, "mix_weights": "frequency",
-                              "noise": "gaussian", "noise_scale": 0.01},
-}
+# accuracy references at the same budget (issue 15's target: no worse than the best of these), then the
+# stream-option variants run.py also offers (run.VARIANTS)
+VARIANTS = {"dctdp": {"name": "dctdp"}, "partialface": {"name": "partialface"}, "hybrid_k2": dict(R.VARIANT_BASE),
+            **R.VARIANTS}
 
 
 def _score(defence, out, faces):
@@ -72,10 +44,8 @@ def _best(a, b):
 def attack(defence, dover, stream, n_rows, faces, attacker_faces, seed, rounds, log, known_pool=False):
     """Every attack that fits the variant; returns {attack name: recovery} and the best per face, blind and informed."""
     res, best = {}, {"blind": None, "informed": None}
-    shape = stream.shape
     k = int(dover.get("k", 1))
     enc = S5.unmixed_space(defence)
-    mean_face = enc(attacker_faces).mean(0)
 
     def note(name, variant, out):
         t = time.time()
@@ -92,46 +62,12 @@ def attack(defence, dover, stream, n_rows, faces, attacker_faces, seed, rounds, 
             t = time.time()
             out = S5.attack_stream(defence, stream, n_rows, variant, seed=seed, rounds=rounds, cache=cache)
             note(f"s5_standard[{time.time() - t:.0f}s]", variant, out)
+    if method in ("linear_unmixing", "sign_clusters"):
+        for name, variant, src in S5.adapted_attacks(defence, dover, stream, n_rows, attacker_faces, seed=seed,
+                                                     rounds=rounds, cache=cache):
+            note(name, variant, {"sources": src})
     z = stream.z
     n_src = 2 * n_rows
-    if dover.get("mix_weights") == "frequency":
-        t = time.time()
-        x = S5.unmix_per_frequency(z, shape, n_src, k, init=cache.get("blind"), rounds=8)
-        note(f"per_frequency[{time.time() - t:.0f}s]", "blind", {"sources": x})
-        cache["perfreq"] = x
-    if dover.get("noise", "none") != "none":
-        # whiten by the public per-channel noise scale, unmix, un-whiten, Wiener-shrink each channel
-        sig = defence.sigma.flatten().double()
-        c, h, w = shape
-        wgt = (1.0 / sig).repeat_interleave(h * w)
-        t = time.time()
-        xw = S5.unmix_blind(z.double() * wgt, n_src, k, rounds=rounds, seed=seed).double() / wgt
-        note(f"whitened[{time.time() - t:.0f}s]", "blind", {"sources": xw.float()})
-        nv = S5.residual_noise_var(z, xw.float(), k, sig, shape)
-        cand = [xw.float()] + ([cache["blind"]] if "blind" in cache else [])
-        if "perfreq" in cache:
-            cand.append(cache["perfreq"])
-        note("whitened+wiener", "blind", {"sources": torch.cat([S5.wiener_channels(s, shape, nv) for s in cand])})
-    if dover.get("partners") == "pool":
-        # a face's repeats average to w x + (1 - w) mu: remove the pool's mean face (the attacker's mean face)
-        for variant in ("blind", "informed"):
-            src = cache.get("blind") if variant == "blind" else None
-            if variant == "informed":
-                out = S5.attack_stream(defence, stream, n_rows, "informed", seed=seed, rounds=rounds, cache=cache)
-                src = out["sources"]
-            if src is None:
-                continue
-            cand = torch.cat([S5.pool_debias(src, mean_face, w) for w in (0.35, 0.5, 0.65)])
-            note("pool_debias", variant, {"sources": cand})
-        # each face's rows hold it with weight >= 1/k..0.65 and otherwise rarely-repeated pool faces: group the
-        # rows (k-means, blind; within the known identity, informed) and average them, then debias
-        for variant in ("blind", "informed"):
-            t = time.time()
-            own = stream.labels[:, 0] if variant == "informed" else None
-            per = S5.faces_per_identity(stream, n_rows) if variant == "informed" else None
-            src = S5.average_repeats(z, n_src, own, per, seed=seed)
-            cand = torch.cat([src] + [S5.pool_debias(src, mean_face, w) for w in (1 / k, 0.5)])
-            note(f"repeat_avg+debias[{time.time() - t:.0f}s]", variant, {"sources": cand})
     if dover.get("partners") == "pool" and known_pool:
         # a stronger threat than the headline one: the pool is a public set and the attacker holds all of it
         # (every LFW image of people with < 10 images, mirrors included), not only similar faces
@@ -149,10 +85,6 @@ def attack(defence, dover, stream, n_rows, faces, attacker_faces, seed, rounds, 
             res[f"known_pool_{variant}"] = {**r, "variant": variant, "threat": "attacker holds the pool"}
             log(f"    known_pool[{time.time() - t:.0f}s] {variant:8s} rec@0.9 {100 * r['recovered@0.9']:5.1f} %  "
                 f"@0.95 {100 * r['recovered@0.95']:5.1f} %  median cos {r['cos_median']:.3f} (not in the headline)")
-    if method == "sign_clusters" and dover.get("sign_key") in ("channel", "block"):
-        t = time.time()
-        x = S5.unmix_signed_groups(z, shape, dover["sign_key"], mean_face, n_src, k, rounds=rounds, seed=seed)
-        note(f"canonical_signs[{time.time() - t:.0f}s]", "blind", {"sources": x})
     out = {"attacks": res}
     for v in ("blind", "informed"):
         # the informed server also runs every blind attack
