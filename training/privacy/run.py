@@ -91,8 +91,11 @@ BUDGETS = {
 CONFIGS = {"orl": "training/configs/orl_cpu.yaml", "lfw": "training/configs/lfw_cpu.yaml"}
 SCENARIOS = ("S1", "S2", "S3", "S4", "S5")  # THREAT_MODEL.md
 SHOW = 4  # faces per defence in the image grid
-# (name in the results, judge kind): "judge" is the reported one; the others check it (report.judge_agreement)
-JUDGES = (("judge", "cnn"), ("judge2", "lda"))
+# (name in the results, judge kind): "judge" is the reported one; the others check it (report.judge_agreement
+# compares judge2). The reported judge is cnn2, the one that still recognises degraded faces (attack outputs are
+# blurred or noisy: ORL s0 clean faces down/up-sampled x4, rank-1 cnn2 0.89 vs cnn 0.47; noise sd 0.2: 0.80 vs
+# 0.31), so it does not read a blurry reconstruction as privacy; lda, the weakest, is kept for information.
+JUDGES = (("judge", "cnn2"), ("judge2", "cnn"), ("judge3", "lda"))
 
 
 def signs_of(defence) -> bool:
