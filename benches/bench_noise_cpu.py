@@ -32,28 +32,18 @@ os.environ.setdefault("FASTMIX_BACKEND", "cpu")
 
 import fastmix  # noqa: E402
 
-FULL = {"mix": (64, 3, 112, 112), "mix_k": 6, "fe": (16, 3, 112, 112), "fe_k": 4, "upsample": 8}
-SMALL = {"mix": (6, 3, 16, 24), "mix_k": 6, "fe": (3, 3, 8, 6), "fe_k": 4, "upsample": 8}
+sys.path.insert(0, HERE)
+from test_bench_cpu import FULL, SMALL, frontend_inputs, mix_inputs  # noqa: E402  (the CPU bench's shapes and inputs)
+
 NOISE = dict(noise="gaussian", noise_seed=12345)
-
-
-def keep_no_dc(c):
-    return [i for i in range(c * 64) if i % 64 != 0]
 
 
 def make(case, mode, cfg):
     g = torch.Generator().manual_seed(0)
     if case.startswith("freq_mix"):
-        n, c, h, w = cfg["mix"]
-        k = cfg["mix_k"]
-        x = torch.randn(n, c, h, w, generator=g)
-        index = fastmix.sample_partners(n, k, generator=g)
-        if case == "freq_mix_image":
-            weight = fastmix.sample_weights(n, k, generator=g)
-        else:
-            weight = torch.rand(n, k, 64, generator=g)
-            weight = weight / weight.sum(1, keepdim=True)
-        keep = keep_no_dc(c)
+        x, index, weight, keep = mix_inputs(case, cfg, g)
+        n, c, h, w = x.shape
+        k = index.shape[1]
         scale = torch.rand(64, generator=g) * 10  # per frequency, as training/defences.py calibrates it
 
         def op(xx, ww, noisy):
@@ -61,12 +51,9 @@ def make(case, mode, cfg):
 
         shape = f"N=M={n}, {c}x{h}x{w}, k={k}, weight {tuple(weight.shape)}, {len(keep)} channels, seed"
     else:
-        n, c, h, w = cfg["fe"]
-        k, s = cfg["fe_k"], cfg["upsample"]
-        x = torch.rand(n, c, h, w, generator=g) * 2 - 1
-        index = fastmix.sample_partners(n, k, generator=g)
-        weight = fastmix.sample_weights(n, k, generator=g)
-        keep = keep_no_dc(c)
+        x, index, weight, keep = frontend_inputs(cfg, g)
+        n, c, h, w = x.shape
+        k, s = index.shape[1], cfg["upsample"]
         scale = torch.rand(64, generator=g) * 10
 
         def op(xx, ww, noisy):

@@ -70,6 +70,31 @@ def keep_no_dc(c: int) -> list[int]:
     return [i for i in range(c * 64) if i % 64 != 0]
 
 
+def mix_inputs(case: str, cfg: dict, g: torch.Generator):
+    """freq_mix's inputs at cfg["mix"]: x, partners, weights (per image for freq_mix_image, per frequency
+    otherwise) and the DC-free keep list, drawn from ``g`` in this order (bench_noise_cpu shares them)."""
+    n, c, h, w = cfg["mix"]
+    k = cfg["mix_k"]
+    x = torch.randn(n, c, h, w, generator=g)
+    index = fastmix.sample_partners(n, k, generator=g)
+    if case == "freq_mix_image":
+        weight = fastmix.sample_weights(n, k, generator=g)
+    else:
+        weight = torch.rand(n, k, 64, generator=g)
+        weight = weight / weight.sum(1, keepdim=True)
+    return x, index, weight, keep_no_dc(c)
+
+
+def frontend_inputs(cfg: dict, g: torch.Generator):
+    """frontend's inputs at cfg["fe"]: images in [-1, 1], partners, weights, the DC-free keep list."""
+    n, c, h, w = cfg["fe"]
+    k = cfg["fe_k"]
+    x = torch.rand(n, c, h, w, generator=g) * 2 - 1
+    index = fastmix.sample_partners(n, k, generator=g)
+    weight = fastmix.sample_weights(n, k, generator=g)
+    return x, index, weight, keep_no_dc(c)
+
+
 def make_case(case: str, mode: str, small: bool):
     """Inputs and one zero-argument callable per impl. Returns (fns, meta) with meta['leaves'] the tensors
     whose .grad the callables fill (reset between calls) and meta describing the case."""
@@ -87,16 +112,9 @@ def make_case(case: str, mode: str, small: bool):
         }
         return fns, meta
     if case.startswith("freq_mix"):
-        n, c, h, w = cfg["mix"]
-        k = cfg["mix_k"]
-        x = torch.randn(n, c, h, w, generator=g)
-        index = fastmix.sample_partners(n, k, generator=g)
-        if case == "freq_mix_image":
-            weight = fastmix.sample_weights(n, k, generator=g)
-        else:
-            weight = torch.rand(n, k, 64, generator=g)
-            weight = weight / weight.sum(1, keepdim=True)
-        keep = keep_no_dc(c)
+        x, index, weight, keep = mix_inputs(case, cfg, g)
+        n, c, h, w = x.shape
+        k = index.shape[1]
         meta["shape"] = f"N=M={n}, {c}x{h}x{w}, k={k}, weight {tuple(weight.shape)}, {len(keep)} channels"
         ops = {
             "fastmix": lambda xx, ww: fastmix.freq_mix(xx, index, ww, keep=keep),
@@ -105,12 +123,9 @@ def make_case(case: str, mode: str, small: bool):
         }
         out_shape = (n, len(keep), h // 8, w // 8)
     elif case == "frontend":
-        n, c, h, w = cfg["fe"]
-        k, s = cfg["fe_k"], cfg["upsample"]
-        x = torch.rand(n, c, h, w, generator=g) * 2 - 1
-        index = fastmix.sample_partners(n, k, generator=g)
-        weight = fastmix.sample_weights(n, k, generator=g)
-        keep = keep_no_dc(c)
+        x, index, weight, keep = frontend_inputs(cfg, g)
+        n, c, h, w = x.shape
+        k, s = index.shape[1], cfg["upsample"]
         meta["shape"] = f"N=M={n}, {c}x{h}x{w}, upsample {s}, k={k}, {len(keep)} channels"
         ops = {
             "fastmix": lambda xx, ww: fastmix.frontend(xx, upsample=s, keep=keep, index=index, weight=ww),

@@ -316,6 +316,30 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x * c + br).clamp(-1, 1)
 
 
+def _fit_margin(net, head, opt, sched, images_u8, labels, steps: int, batch: int, g: torch.Generator, augment,
+                kind: str, log=None):
+    """The judges' training loop: epochs of reshuffled batches (every face once per pass), ``augment(x, g)``,
+    margin-head cross-entropy, one scheduler step per step. Returns the net in eval mode."""
+    n = images_u8.shape[0]
+    net.train()
+    t0, perm, pos = time.time(), torch.randperm(n, generator=g), 0
+    for step in range(steps):
+        if pos + batch > n:  # epochs: every face once per pass, reshuffled
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos : pos + batch]
+        pos += batch
+        x = augment(to_float(images_u8[idx]), g)
+        y = labels[idx]
+        loss = F.cross_entropy(head.logits(head.cosine(net(x)), y), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step + 1) % max(1, steps // 10) == 0:
+            log(f"[judge {kind}] step {step + 1}/{steps} loss {float(loss.detach()):.3f} ({time.time() - t0:.0f} s)")
+    return net.eval()
+
+
 def train_cnn(images_u8: torch.Tensor, labels: torch.Tensor, steps: int, batch: int = 128, seed: int = 0,
               hp: dict | None = None, log=None) -> JudgeNet:
     """CosFace training of JudgeNet on (M, 1, S, S) uint8 faces with labels (M,) 0..C-1; eval-mode net."""
@@ -327,24 +351,7 @@ def train_cnn(images_u8: torch.Tensor, labels: torch.Tensor, steps: int, batch: 
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=hp["lr"], momentum=0.9, weight_decay=hp["wd"], nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=max(steps, 1), pct_start=0.1)
-    n = images_u8.shape[0]
-    net.train()
-    t0, perm, pos = time.time(), torch.randperm(n, generator=g), 0
-    for step in range(steps):
-        if pos + batch > n:  # epochs: every face once per pass, reshuffled
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + batch]
-        pos += batch
-        x = _augment(to_float(images_u8[idx]), g)
-        y = labels[idx]
-        loss = F.cross_entropy(head.logits(head.cosine(net(x)), y), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log and (step + 1) % max(1, steps // 10) == 0:
-            log(f"[judge cnn] step {step + 1}/{steps} loss {float(loss.detach()):.3f} ({time.time() - t0:.0f} s)")
-    return net.eval()
+    return _fit_margin(net, head, opt, sched, images_u8, labels, steps, batch, g, _augment, "cnn", log)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -432,24 +439,8 @@ def train_cnn2(images_u8: torch.Tensor, labels: torch.Tensor, steps: int, batch:
     warm = max(1, int(hp["warmup"] * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, steps - warm))))
-    n = images_u8.shape[0]
-    net.train()
-    t0, perm, pos = time.time(), torch.randperm(n, generator=g), 0
-    for step in range(steps):
-        if pos + batch > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + batch]
-        pos += batch
-        x = _augment2(to_float(images_u8[idx]), hp["crop"], g)
-        y = labels[idx]
-        loss = F.cross_entropy(head.logits(head.cosine(net(x)), y), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log and (step + 1) % max(1, steps // 10) == 0:
-            log(f"[judge cnn2] step {step + 1}/{steps} loss {float(loss.detach()):.3f} ({time.time() - t0:.0f} s)")
-    return net.eval()
+    return _fit_margin(net, head, opt, sched, images_u8, labels, steps, batch, g,
+                       lambda x, gen: _augment2(x, hp["crop"], gen), "cnn2", log)
 
 
 # ----------------------------------------------------------------------------------------------------
