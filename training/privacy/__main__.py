@@ -123,9 +123,13 @@ def main(argv=None) -> int:
     sections, summary = [], {"command": command, "machine": mach, "sets": {}}
     t_all = 0.0
 
+    def rdir_of(s, seed) -> Path:
+        return work / f"{_tag(s, a.size)}_s{seed}"
+
     def saved(s, seed):
-        """The finished run.json of (set, seed) when --reuse may take it and it answers this request, else None."""
-        rdir = work / f"{_tag(s, a.size)}_s{seed}"
+        """The finished run.json of (set, seed) when --reuse may take it and it answers this request; None when
+        there is none to take, False when it answers another request (defences, scenarios, budget, size)."""
+        rdir = rdir_of(s, seed)
         if not (a.reuse and (rdir / "run.json").exists()):
             return None
         r = json.loads((rdir / "run.json").read_text())
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
         for seed in a.seeds:
             r = saved(s, seed)
             if r is False:
-                print(f"[privacy] not reusing {work / f'{_tag(s, a.size)}_s{seed}' / 'run.json'}: it ran other defences, "
+                print(f"[privacy] not reusing {rdir_of(s, seed) / 'run.json'}: it ran other defences, "
                       f"scenarios or budget; running it again")
             if not r and not a.report_only:
                 todo.append((s, seed))
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
         for s in a.sets:
             for seed in a.seeds:
                 if (s, seed) not in todo and saved(s, seed):
-                    rdir = work / f"{_tag(s, a.size)}_s{seed}"
+                    rdir = rdir_of(s, seed)
                     try:
                         rescore(rdir, s, seed, a.budget, work)
                         print(f"[privacy] re-graded {rdir / 'run.json'} with the current judges")
@@ -159,7 +163,7 @@ def main(argv=None) -> int:
     if todo and a.jobs > 1 and len(todo) > 1:
         _pretrain_judges(todo, a.budget, work)
         with ProcessPoolExecutor(max_workers=min(a.jobs, len(todo)), mp_context=get_context("spawn")) as ex:
-            futs = {ex.submit(run_logged, s, _tag(s, a.size), seed, a.budget, work / f"{_tag(s, a.size)}_s{seed}", defs, scenarios, work, a.reuse, a.size):
+            futs = {ex.submit(run_logged, s, _tag(s, a.size), seed, a.budget, rdir_of(s, seed), defs, scenarios, work, a.reuse, a.size):
                     (s, seed) for s, seed in todo}
             for f in as_completed(futs):
                 try:
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
     else:
         for s, seed in todo:
             try:
-                run(s, seed, a.budget, work / f"{_tag(s, a.size)}_s{seed}", defs, scenarios, work=work, resume=a.reuse,
+                run(s, seed, a.budget, rdir_of(s, seed), defs, scenarios, work=work, resume=a.reuse,
                     size=a.size)
             except ValueError as e:  # a set too small to split, unreadable folder: one line, exit 2
                 print(f"[privacy] {s}: {e}", file=sys.stderr)
@@ -182,7 +186,7 @@ def main(argv=None) -> int:
         runs = []
         tag = _tag(s, a.size)
         for seed in a.seeds:
-            rdir = work / f"{tag}_s{seed}"
+            rdir = rdir_of(s, seed)
             if not (rdir / "run.json").exists():
                 print(f"[privacy] no {rdir / 'run.json'}; {s} seed {seed} left out of the report")
                 continue
