@@ -39,6 +39,14 @@
 // arch or tune differs, and the 8-lane helpers (vec8.h, sign.h, c10::Half) must inline into the kernels.
 #if defined(FASTMIX_CPU_CAP_AVX2)
 #define FASTMIX_CPU_TARGET "avx2,fma,f16c,bmi,bmi2,popcnt"
+#elif defined(FASTMIX_CPU_CAP_AVX512) && defined(__GNUC__) && !defined(__clang__)
+// prefer-vector-width=256: GCC's tunings for every AVX-512 server core (skylake-avx512, icelake-server,
+// sapphirerapids) vectorise loops 256 bits wide, but the generic tuning these copies keep (above) does
+// 512: the backward kernels' 64-element loops and reductions then ran 512 bits wide with masked tails.
+// Measured, one thread, Xeon (AVX-512), freq_mix_image fwd+bwd N=64 3x112x112 k=6: 54.7 / 55.8 ms with
+// 512-bit loops against 45.7 / 44.8 ms with this and 42.7 / 45.0 ms for the old -march=native build
+// (benches/results/cpu/dispatch_ab.json). The explicit 8 x double vectors (vec8.h) stay one zmm.
+#define FASTMIX_CPU_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt,prefer-vector-width=256"
 #elif defined(FASTMIX_CPU_CAP_AVX512)
 #define FASTMIX_CPU_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt"
 #endif

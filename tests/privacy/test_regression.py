@@ -125,6 +125,32 @@ def test_cli_one_defence_one_scenario_and_reuse(orl_root, tmp_path, capsys, smok
     assert set(t["runs"][0]["rows"][0]["scenarios"]) == {"S3"}
 
 
+def test_cli_stopped_training_says_how_to_resume(orl_root, tmp_path, capsys, smoke_judges, monkeypatch):
+    """Ctrl-C / SIGTERM while a target trains (the loop returns stopped_early): exit 130 with a line naming
+    --reuse and the kept defences, not a KeyError traceback; the rerun with --reuse keeps the finished ones."""
+    from training.privacy import run as R
+    from training.privacy.__main__ import main
+
+    common = ["--budget", "smoke", "--sets", "orl", "--seeds", "0", "--out", str(tmp_path / "res"),
+              "--work", str(work_with_judges(tmp_path, smoke_judges)), "--defences", "none,hybrid_k2",
+              "--scenarios", "S1", "--reuse"]
+    real = R.train
+
+    def stop_at_second(cfg, **kw):
+        if cfg["name"].startswith("privacy_orl_hybrid_k2"):
+            return {"step": 3, "stopped_early": True}
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(R, "train", stop_at_second)
+    capsys.readouterr()
+    assert main(common) == 130
+    err = capsys.readouterr().err
+    assert "stopped while training 'hybrid_k2'" in err and "--reuse" in err, err
+    monkeypatch.setattr(R, "train", real)
+    assert main(common) == 0
+    assert "[privacy] none: reusing" in capsys.readouterr().out
+
+
 def test_cli_jobs_runs_seeds_in_worker_processes(orl_root, tmp_path, smoke_judges):
     """--jobs 2: two (set, seed) runs in spawned worker processes, the report from both; the same per-victim
     numbers as the serial command (each run is seeded by its own seed, not by its process)."""

@@ -179,6 +179,9 @@ def main(argv=None) -> int:
             except ValueError as e:  # a set too small to split, unreadable folder: one line, exit 2
                 print(f"[privacy] {s}: {e}", file=sys.stderr)
                 return 2
+            except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: what is finished is on disk; say how to go on
+                print(f"[privacy] stopped: {e or 'interrupted'}. Rerun with --reuse to resume.", file=sys.stderr)
+                return 130
     elapsed = time.time() - t_start
 
     # Phase 2: the report from the finished runs

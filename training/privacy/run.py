@@ -412,6 +412,12 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
         cfg = target_config(split_name, label, dover, seed, b, out, len(vic), size)
         rec_stream = S5.StreamRecorder() if "S5" in scenarios else None
         res = train(cfg, resume=False, data=split.bundle(), tap=rec_stream)
+        if res.get("stopped_early"):
+            # Ctrl-C / SIGTERM: the training loop stopped at a step boundary. The defences finished before
+            # it are saved under rows/; this one starts over on resume (its target model is not half-used).
+            raise KeyboardInterrupt(f"privacy run {split_name} seed {seed} stopped while training {label!r} "
+                                    f"(step {res.get('step')}); the finished defences are kept in {out / 'rows'}: "
+                                    f"rerun the same command with --reuse to go on from there")
         model = load_target(cfg, v)
         defence = model.defence
         k_dist = None
