@@ -219,8 +219,18 @@ def test_extra_repr():
         (dict(out="image"), "out must be"),
         (dict(out="pixels", upsample=8), "out='pixels' needs upsample=None"),
         (dict(keep="most"), "keep must be one of"),
+        (dict(noise="uniform", noise_scale=1.0), "noise must be None or one of"),
+        (dict(noise="gaussian"), "needs noise_scale"),
+        (dict(noise_scale=0.5), "noise_scale is given but noise is None"),
+        (dict(noise="laplace", noise_scale=-1.0), "noise_scale must be a finite number >= 0"),
+        (dict(noise="laplace", noise_scale=float("nan")), "noise_scale must be a finite number >= 0"),
+        (dict(noise="laplace", noise_scale="0.1"), "noise_scale must be a finite number >= 0"),
+        (dict(noise="gaussian", noise_scale=torch.tensor([0.1, -0.1])), "finite and >= 0 everywhere"),
+        (dict(noise="gaussian", noise_scale=torch.ones(2, 64)), "1-D float tensor"),
     ],
-    ids=["k0", "k_float", "k_bool", "law", "out", "pixels_with_frontend", "keep_preset"],
+    ids=["k0", "k_float", "k_bool", "law", "out", "pixels_with_frontend", "keep_preset", "noise_kind",
+         "noise_no_scale", "scale_no_noise", "scale_negative", "scale_nan", "scale_str", "scale_tensor_negative",
+         "scale_tensor_2d"],
 )
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -427,3 +437,34 @@ def test_compiling_the_module_without_a_plan(gen, fresh_dynamo):
     relaxed = torch.compile(mask, backend="aot_eager")
     a, b = relaxed(x, labels)[0], relaxed(x, labels)[0]
     assert a.shape == (4, 189, 4, 4) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["frontend_default", "freq_mix_channels", "freq_mix_pixels"])
+def test_noise_is_the_fused_ops_noise_from_a_fresh_seed(backend, gen, name):
+    """noise= adds the fused op's noise drawn from the plan's noise_seed: the output is the op with that seed,
+    each call draws a new one, and the partners, weights and sign keys are those of the same mask without
+    noise (the noise seed is drawn last)."""
+    kwargs, shape, _ = _CONFIGS[name]
+    n, c = shape[0], shape[1]
+    x = rand_faces(gen, *shape) if kwargs.get("upsample", 8) else randn(gen, *shape)
+    scale = torch.linspace(0.0, 0.3, 64)  # per frequency
+    noisy = HybridMask(**kwargs, noise="gaussian", noise_scale=scale, generator=torch.Generator().manual_seed(5))
+    clean = HybridMask(**kwargs, generator=torch.Generator().manual_seed(5))
+    p1, p2 = noisy.plan(n), noisy.plan(n)
+    q1 = clean.plan(n)
+    assert torch.equal(p1.index, q1.index) and torch.equal(p1.weight, q1.weight) and p1.seed == q1.seed
+    assert q1.noise_seed is None and p1.noise_seed is not None and p1.noise_seed != p2.noise_seed
+    z = noisy.apply(x, p1)
+    ids = keep_ids(noisy.keep, c)
+    args = dict(seed=p1.seed, noise="gaussian", noise_seed=p1.noise_seed, noise_scale=scale)
+    if noisy.upsample is None:
+        want = fastmix.freq_mix(x, p1.index, p1.weight.to(x.dtype), keep=ids, out=noisy.out, **args)
+    else:
+        want = fastmix.frontend(x, upsample=noisy.upsample, color=noisy.color, keep=ids, index=p1.index,
+                                weight=p1.weight, **args)
+    assert torch.equal(z, want)
+    assert not torch.equal(z, clean.apply(x, q1))  # the noise is there
+    assert not torch.equal(z, noisy.apply(x, p2))
+    with pytest.raises(ValueError, match="needs a noise_seed"):
+        noisy.apply(x, q1)
+    assert "noise=gaussian, noise_scale=tensor(64,)" in noisy.extra_repr()

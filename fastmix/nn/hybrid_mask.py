@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import weakref
 from typing import NamedTuple
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..ops.freq_mix import FREQS, freq_mix
 from ..ops.frontend import frontend
+from ..ops.noise import NOISES
 from ..samplers import LAWS, check_generator, sample_partners, sample_weights
 
 # PartialFace drops the channels that carry most of the energy; on faces these are the 10 lowest
@@ -77,11 +79,13 @@ COMPILE_HINT = (
 
 class MixPlan(NamedTuple):
     """The random draws of one HybridMask call: output m mixes rows index[m, :] of the input with
-    weight[m, :] (zeros pad a per-sample k) and flips signs with the one-time key ``seed`` (None: no flips)."""
+    weight[m, :] (zeros pad a per-sample k), flips signs with the one-time key ``seed`` (None: no flips) and
+    adds the noise drawn from ``noise_seed`` (None: no noise)."""
 
     index: torch.Tensor  # (M, k) int64 rows of the input batch
     weight: torch.Tensor  # (M, k) float32, rows sum to 1
     seed: int | None
+    noise_seed: int | None = None
 
 
 class HybridMask(nn.Module):
@@ -94,6 +98,11 @@ class HybridMask(nn.Module):
         keep: "all", "no_dc", "partialface", or what the ops take: None (all), channel ids (a list or an
             integer tensor) or a bool mask (C*64,) or (64,).
         sign_flip: draw a fresh seed per call and flip signs.
+        noise, noise_scale: None, or "gaussian" / "laplace" with its std / scale b: a number, or a float
+            tensor (64,) per frequency or (C*64,) per channel id (see :func:`fastmix.freq_mix`). Added to every
+            kept coefficient inside the fused op from a fresh noise seed per call (drawn after the sign key,
+            so a mask without noise draws the same plans as before). Noise against the training server's
+            stream attack: training/privacy/DEFENCES.md measures which scales it takes.
         upsample: None -> x is already an image on the DCT grid and :func:`fastmix.freq_mix` runs;
             an int -> x is a [-1, 1] face and the fused :func:`fastmix.frontend` runs (channels out).
         color: frontend colour transform ("ycbcr" or "none").
@@ -141,6 +150,8 @@ class HybridMask(nn.Module):
         color: str = "ycbcr",
         out: str = "channels",
         generator: torch.Generator | None = None,
+        noise: str | None = None,
+        noise_scale: float | torch.Tensor | None = None,
     ):
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -159,6 +170,29 @@ class HybridMask(nn.Module):
                                 f"got {type(keep).__name__}")
             keep = list(keep)  # a generator would be used up by the first call
         check_generator(generator)
+        if noise is None:
+            if noise_scale is not None:
+                raise ValueError("noise_scale is given but noise is None; pass noise='gaussian' or 'laplace'")
+        else:
+            if not isinstance(noise, str) or noise not in NOISES:
+                raise ValueError(f"noise must be None or one of {NOISES}, got {noise!r}")
+            if noise_scale is None:
+                raise ValueError(f"noise={noise!r} needs noise_scale (a number, or a float tensor (64,) or (C*64,))")
+            if isinstance(noise_scale, torch.Tensor):
+                if not noise_scale.dtype.is_floating_point or noise_scale.dim() > 1:
+                    raise ValueError(f"noise_scale must be a number or a 1-D float tensor, got {noise_scale.dtype} "
+                                     f"of shape {tuple(noise_scale.shape)}")
+                if bool((~torch.isfinite(noise_scale) | (noise_scale < 0)).any()):
+                    raise ValueError("noise_scale must be finite and >= 0 everywhere")
+            elif isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) \
+                    or not math.isfinite(noise_scale) or noise_scale < 0:
+                raise ValueError(f"noise_scale must be a finite number >= 0 or a float tensor, got {noise_scale!r}")
+        self.noise = noise
+        # a tensor scale is a buffer (it follows .to(device)); not in state_dict: it is configuration
+        if isinstance(noise_scale, torch.Tensor):
+            self.register_buffer("noise_scale", noise_scale.detach().float().clone(), persistent=False)
+        else:
+            self.noise_scale = noise_scale
         self.k, self.law, self.upper, self.alpha = k, law, upper, alpha
         self.keep, self.sign_flip, self.upsample, self.color, self.out = keep, sign_flip, upsample, color, out
         self.generator = generator
@@ -198,17 +232,24 @@ class HybridMask(nn.Module):
             index = sample_partners(n, kmax, generator=gen)
         weight = sample_weights(m, kmax, self.law, self.upper, self.alpha, generator=gen, active=k)
         seed = self._draw_seed(gen) if self.sign_flip else None
-        return MixPlan(index, weight, seed)
+        noise_seed = self._draw_seed(gen) if self.noise is not None else None
+        return MixPlan(index, weight, seed, noise_seed)
 
     def apply(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         """The masked outputs (M, ...) of plan's rows of x: one fused fastmix op."""
         index, weight = plan.index.to(x.device), plan.weight.to(x.device)
         c = x.shape[1] if x.dim() == 4 else 1
         ids = keep_ids(self.keep, c)
+        noise = {}
+        if self.noise is not None:
+            if plan.noise_seed is None:
+                raise ValueError("this HybridMask adds noise: the plan needs a noise_seed (draw it with mask.plan())")
+            noise = {"noise": self.noise, "noise_seed": plan.noise_seed, "noise_scale": self.noise_scale}
         if self.upsample is None:
             # weights as drawn (float32): the ones the loss gets (rounded to x's dtype, the two would differ)
-            return freq_mix(x, index, weight, keep=ids, seed=plan.seed, out=self.out)
-        return frontend(x, upsample=self.upsample, color=self.color, keep=ids, index=index, weight=weight, seed=plan.seed)
+            return freq_mix(x, index, weight, keep=ids, seed=plan.seed, out=self.out, **noise)
+        return frontend(x, upsample=self.upsample, color=self.color, keep=ids, index=index, weight=weight,
+                        seed=plan.seed, **noise)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, k: torch.Tensor | None = None, plan: MixPlan | None = None):
         n = x.shape[0]
@@ -241,7 +282,10 @@ class HybridMask(nn.Module):
         else:
             keep = f"{len(self.keep)} ids"
         src = "freq_mix" if self.upsample is None else f"frontend(upsample={self.upsample}, color={self.color})"
+        noise = "" if self.noise is None else (
+            f", noise={self.noise}, noise_scale="
+            + (f"tensor{tuple(self.noise_scale.shape)}" if isinstance(self.noise_scale, torch.Tensor) else f"{self.noise_scale}"))
         return (
             f"k={self.k}, law={self.law}, upper={self.upper}, keep={keep}, sign_flip={self.sign_flip}, "
-            f"op={src}, out={self.out}"
+            f"op={src}, out={self.out}{noise}"
         )
