@@ -180,7 +180,8 @@ def main(argv=None) -> int:
                 print(f"[privacy] {s}: {e}", file=sys.stderr)
                 return 2
             except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: what is finished is on disk; say how to go on
-                print(f"[privacy] stopped: {e or 'interrupted'}. Rerun with --reuse to resume.", file=sys.stderr)
+                print(f"[privacy] stopped: {e}" if str(e) else "[privacy] interrupted: rerun with --reuse to resume",
+                      file=sys.stderr)
                 return 130
     elapsed = time.time() - t_start
 

@@ -414,7 +414,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
         res = train(cfg, resume=False, data=split.bundle(), tap=rec_stream)
         if res.get("stopped_early"):
             # Ctrl-C / SIGTERM: the training loop stopped at a step boundary. The defences finished before
-            # it are saved under rows/; this one starts over on resume (its target model is not half-used).
+            # it are saved under rows/; this one is trained again from the start on resume.
             raise KeyboardInterrupt(f"privacy run {split_name} seed {seed} stopped while training {label!r} "
                                     f"(step {res.get('step')}); the finished defences are kept in {out / 'rows'}: "
                                     f"rerun the same command with --reuse to go on from there")
