@@ -113,6 +113,14 @@ DEFAULTS: dict = {
         "penalty": 4.0,  # lambda of the utility term (its starting value and lower bound)
         "penalty_lr": 20.0,  # dual step: lambda += penalty_lr * (target_acc - acc_val) at each validation
         "init": "uniform",
+        # The reward's privacy term (policy.py): "loss" (L_mix / L_ema) | "s5_proxy": the client runs S5's informed
+        # repeat-average attack on its own stream (training/exposure.py; needs defence.partners: pool) and is
+        # rewarded for keeping each face's projected final cosine below proxy_threshold (soft, width
+        # proxy_temperature), weighted by privacy_weight against the accuracy term.
+        "privacy_signal": "loss",
+        "proxy_threshold": 0.95,  # the proxy reads higher than S5 (exact grouping): 0.96 matched S5's 0.9 (ORL)
+        "proxy_temperature": 0.01,
+        "privacy_weight": 1.0,
     },
     # tta_flip: which accuracy is "accuracy" -- false: the face alone (arcface_torch's "Accuracy"); true: face +
     # mirror image embeddings summed (its headline "Accuracy-Flip"). Both are reported at the end either way.
@@ -309,6 +317,18 @@ def check_values(cfg: dict) -> None:
                 or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_ch for i in keep)):
             raise ValueError(f"config key 'defence.keep' must be a preset or a non-empty list of distinct channel ids "
                              f"in 0..{n_ch - 1} (data.color={flat['data.color']!r}), got {keep!r}")
+    from .policy import check_privacy_signal
+
+    check_privacy_signal(cfg["policy"])
+    if flat["defence.name"] == "adaptive" and flat["policy.privacy_signal"] == "s5_proxy":
+        # the proxy is S5's repeat-average attack on pool partners; on anything else S5 runs other attacks
+        if flat["defence.partners"] != "pool":
+            raise ValueError("config key 'policy.privacy_signal' = 's5_proxy' models S5 on pool partners: set "
+                             f"defence.partners=pool (got {flat['defence.partners']!r}; with batch partners S5's linear "
+                             "unmixing recovers ~98 % whatever the proxy says)")
+        if flat["defence.sign_flip"]:
+            raise ValueError("config key 'policy.privacy_signal' = 's5_proxy' needs defence.sign_flip=false (with sign "
+                             "keys S5 clusters |z| instead of averaging the rows: the proxy would not track it)")
     ks = flat["defence.k_choices"]
     # the hybrid mask's k (build_defence checks defence.k the same way); a repeated k would weigh the policy
     if not ks or len(set(ks)) != len(ks) or any(not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 6 for k in ks):

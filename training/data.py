@@ -826,6 +826,14 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         t = b + consumed
         return e + t // self.per_epoch, t % self.per_epoch
 
+    def indices_at(self, position: tuple[int, int]) -> list[int]:
+        """The training-set indices of this rank's slice of the batch at ``position`` (epoch, batch): what
+        ``__iter__`` yields there (the S5 proxy of the adaptive policy keys its per-face state by them)."""
+        epoch, j = position
+        local = self.gb // self.world
+        batch = self.order(epoch)[j * self.gb : (j + 1) * self.gb]
+        return batch[self.rank * local : (self.rank + 1) * local].tolist()
+
     def __iter__(self):
         epoch, b = self.start
         local = self.gb // self.world

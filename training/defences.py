@@ -16,7 +16,9 @@ the partner labels (M, k) and weights (M, k) of the mixed-label loss (k = 1, wei
     instahide    InstaHide in the frequency domain: HybridMask(k, every channel kept, sign flip on).
     hybrid       fixed-k hybrid mask: HybridMask(k, keep, sign_flip) (k = 2..6).
     adaptive     hybrid mask whose k comes from the strategy network (policy.py), per batch or per sample:
-                 HybridMask(max k) with a per-sample k tensor (unused partners padded with zero weight).
+                 HybridMask(max k) with a per-sample k tensor (unused partners padded with zero weight). With
+                 ``partners: pool`` and ``policy.privacy_signal: s5_proxy`` the network's privacy reward is the
+                 client's own run of S5 on its stream (training/exposure.py; issue 15, item 2).
 
 Stream-attack options of the mixing defences (hybrid / adaptive / instahide; issue 15; S5 is
 ``training/privacy/stream.py``). Defaults reproduce the plain hybrid mask:
@@ -69,6 +71,12 @@ class Masked:
     x: torch.Tensor  # (M, C_out, H_out, W_out): what the FR network sees
     labels: torch.Tensor  # (M, k) partner labels
     weights: torch.Tensor  # (M, k) mixing weights (rows sum to 1; zeros pad a per-sample k)
+    # The client's own bookkeeping, never part of what the server receives (None where the weights above say it):
+    # the faces mixed into each row (M,) -- pool partners carry loss weight 0, so the weights count 1 -- and the
+    # row's own face's mixing weight (M,) (its frequency mean with per-frequency weights), which the S5 proxy
+    # of the adaptive policy uses (training/exposure.py).
+    mixed: torch.Tensor | None = None
+    own: torch.Tensor | None = None
 
 
 def _identity(x, y):
@@ -110,6 +118,11 @@ class Defence(nn.Module):
         return Masked(self.frontend(x, keep=self.ids), *_identity(x, y))
 
     def encode_eval(self, x, generator: torch.Generator) -> torch.Tensor:
+        return self.frontend(x, keep=self.ids)
+
+    def encode_alone(self, x) -> torch.Tensor:
+        """One face alone, unmixed, unsigned, noise-free, in the released units: the space in which S5 scores a
+        recovered face (``privacy.stream.unmixed_space``) and the S5 proxy compares its estimates."""
         return self.frontend(x, keep=self.ids)
 
     # -- resumable randomness ------------------------------------------------------------------------
@@ -280,12 +293,15 @@ class Mixing(Defence):
             key = torch.randint(0, 2, shape, generator=gen, device=dev).to(z.device, z.dtype) * 2 - 1
             z = z * key
         labels = y[index.clamp_max(n - 1).to(y.device)]
+        mixed = own = None
         if self.partners == "pool" and kmax > 1:
             # pool faces have no label here: the loss sees the private face only (weight 1, the others 0)
             labels = y.view(n, 1).expand(n, kmax).clone()
+            own = (w[:, 0].mean(-1) if w.dim() == 3 else w[:, 0]).to(x.device)  # column 0 is the face itself
+            mixed = (active if active is not None else torch.full((n,), kmax, dtype=torch.int64, device=dev)).to(x.device)
             loss_w = torch.zeros(n, kmax, device=dev)
             loss_w[:, 0] = 1.0
-        return Masked(z, labels, loss_w.to(x.device))
+        return Masked(z, labels, loss_w.to(x.device), mixed=mixed, own=own)
 
     def _noise_args(self, gen) -> dict:
         """The fused op's noise arguments: the kind, a fresh noise seed from our generator (resumable), and the

@@ -31,6 +31,7 @@ checkpoint, end) are methods called in order by ``_train``.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -52,9 +53,10 @@ from torch import nn
 import fastmix
 
 from . import eval as evaluation
-from .config import check_values, flatten
+from .config import DEFAULTS, check_values, flatten
 from .data import SKIPS, ResumableBatchSampler, collate_skipping, load_data, to_float
 from .defences import build_defence
+from .exposure import build_exposure
 from .loss import MarginHead, mixed_label_loss
 from .model import build_model
 from .policy import Policy
@@ -69,6 +71,9 @@ RESUME_MAY_CHANGE = ("out_dir", "train.max_steps_this_run", "train.progress", "t
                      "train.ckpt_every", "data.num_workers", "data.pairs", "data.bin_sets", "eval.")
 
 
+DEFAULT_KEYS = flatten(DEFAULTS)
+
+
 class ResumeMismatch(ValueError):
     """The out_dir holds a checkpoint written under another config (see RESUME_MAY_CHANGE)."""
 
@@ -77,8 +82,12 @@ def config_changes(saved: dict, cfg: dict) -> list[str]:
     """``key: old -> new`` for every key outside RESUME_MAY_CHANGE on which two configs differ."""
     a, b = flatten(saved), flatten(cfg)
     free = tuple(k for k in RESUME_MAY_CHANGE if k.endswith("."))
+    # a key added to the config after the checkpoint was written, at its default, is the behaviour that
+    # checkpoint ran with (new keys default to the old behaviour), not a change
+    new_at_default = {key for key, val in b.items() if key not in a and key in DEFAULT_KEYS and DEFAULT_KEYS[key] == val}
     return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b))
-            if a.get(key) != b.get(key) and key not in RESUME_MAY_CHANGE and not key.startswith(free)]
+            if a.get(key) != b.get(key) and key not in RESUME_MAY_CHANGE and not key.startswith(free)
+            and key not in new_at_default]
 
 
 class StopOnSignal:
@@ -140,12 +149,14 @@ class TrainStep(nn.Module):
         self.tap = None
 
     def forward(self, x, y, k=None):
+        """(per-face loss (M,), the defence's output ``Masked`` with its rows detached: the loop counts k from it
+        and the adaptive policy's S5 proxy records the released rows)."""
         m = self.defence(x, y, k)
         if self.tap is not None:
             self.tap(x.detach(), y.detach(), m)
         with torch.autocast(device_type=m.x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             emb = self.backbone(m.x)
-        return mixed_label_loss(self.head, emb.float(), m.labels, m.weights), m.weights
+        return mixed_label_loss(self.head, emb.float(), m.labels, m.weights), dataclasses.replace(m, x=m.x.detach())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -523,7 +534,16 @@ class Run:
 
         self.policy = self.popt = None
         if defence.adaptive:
-            self.policy = Policy(self.pc, cfg["defence"]["k_choices"], data.num_classes, defence.color, seed, device)
+            exposure = None
+            if self.pc["privacy_signal"] == "s5_proxy":
+                if self.world > 1:
+                    raise ValueError("policy.privacy_signal='s5_proxy' runs single-process (its per-face state would "
+                                     "need every rank's rows); use policy.privacy_signal='loss' under torchrun")
+                # the client's copy of S5 on its own stream (training/exposure.py): per-face running averages
+                exposure = build_exposure(defence, len(data.train), int(tc["batch_size"]), bool(cfg["data"]["flip"]),
+                                          int(tc["steps"]), seed=seed)
+            self.policy = Policy(self.pc, cfg["defence"]["k_choices"], data.num_classes, defence.color, seed, device,
+                                 exposure=exposure)
             self.popt = torch.optim.Adam(self.policy.net.parameters(), lr=float(self.pc["lr"]))
             if data.val is None and self.main:
                 warnings.warn("adaptive defence without a validation set (data.val_identities = 0, or data.val_bin unset "
@@ -623,14 +643,15 @@ class Run:
         device, policy = self.device, self.policy
         x = to_float(u8.to(device, non_blocking=True))
         y = y.to(device)
+        f = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
         if self.cfg["data"]["flip"]:
             f = (torch.rand(x.shape[0], generator=self.data_gen) < 0.5).to(device)
             x = torch.where(f.view(-1, 1, 1, 1), x.flip(-1), x)
         k = a = s = None
         if policy is not None:
-            s = policy.state(x, self.step / max(1, self.total))
+            s = policy.state(x, self.step / max(1, self.total), **self.release_of(x, f))
             k, a = policy.act(s, x.shape[0])
-        loss_vec, weights = self.net(x, y, k)
+        loss_vec, released = self.net(x, y, k)
         loss = loss_vec.mean()
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -647,13 +668,14 @@ class Run:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
             self.sched.step()
         if policy is not None:
-            policy.record(s, a, policy.reward(loss_vec, a))
+            policy.record(s, a, policy.reward(loss_vec, a, released))
             policy.observe_loss(float(loss.detach()))
             if (self.step + 1) % int(self.pc["update_every"]) == 0:
                 self.policy_step()
             self.s = s
-        # k actually used per face: the number of partners with a non-zero weight
-        used = (weights != 0).sum(1).cpu()
+        # k actually used per face: the faces mixed into its row (pool partners carry loss weight 0), else the
+        # partners with a non-zero weight
+        used = (released.mixed if released.mixed is not None else (released.weights != 0).sum(1)).cpu()
         win = self.win
         for kv, cnt in zip(*torch.unique(used, return_counts=True)):
             kv, cnt = int(kv), int(cnt)
@@ -668,6 +690,18 @@ class Run:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{float(loss.detach()):.3f}", k=f"{used.float().mean():.2f}", val=f"{self.val_acc:.3f}")
+
+    def release_of(self, x: torch.Tensor, flipped: torch.Tensor) -> dict:
+        """What the policy's S5 proxy needs about the batch under way (nothing for the other privacy signals):
+        each face's slot (its training-set index, from the sampler's position of this batch, and its flip),
+        the faces encoded alone, and the step. A batch whose unreadable image was replaced by another of the
+        batch (collate_skipping) credits that row to the unreadable one's slot; only RecordIO packs skip."""
+        if getattr(self.policy, "exposure", None) is None:
+            return {}
+        index = torch.tensor(self.sampler.indices_at(self.sampler.position_after(self.consumed - 1)))
+        with torch.no_grad():
+            truth = self.defence.encode_alone(x).flatten(1)
+        return {"slots": self.policy.exposure.slots(index, flipped.cpu()), "truth": truth, "step": self.step}
 
     # --- policy update -------------------------------------------------------------------------------
 
@@ -808,5 +842,7 @@ def finish(cfg, data, step_mod, defence, policy, device, rank, k_total, k_late, 
                 probs = rec["policy_probs"]
         res["policy_probs_final"] = probs
         res["k_choices"] = [int(k) for k in policy.k_values]
+        if policy.exposure is not None:  # the client's own estimate of S5 (informed repeat average) at the end
+            res["exposure"] = policy.exposure.summary()
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     return res

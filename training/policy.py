@@ -25,6 +25,25 @@ the equilibrium is not "always k_max". lambda is a Lagrange multiplier of the co
 adapted by dual ascent at each validation: lambda <- max(lambda_0, lambda + eta * (acc_target - acc_val)).
 Defaults: lambda_0 = ``penalty`` = 4.0, eta = ``penalty_lr`` = 20, acc_target = 0.8.
 
+Privacy signal ``privacy_signal`` (issue 15, item 2). "loss" (the default) is the L_mix / L_ema term above. It
+says nothing about the training-stream attack S5. "s5_proxy" replaces it with the attack itself, run by the client
+on its own stream (training/exposure.py; needs ``defence.partners: pool``): the informed server's repeat average
+of each face (and mirror) slot, debiased by the pool's mean face, scored by its cosine with the face, and
+projected to the end of the run (``Exposure.projected``: c_hat). The privacy term of releasing a face at k is
+
+    -w_p * [phi(c_hat after a release at k) - phi(c_hat before)],   phi(c) = softplus((c - tau) / T)
+
+tau = ``proxy_threshold``, T = ``proxy_temperature``, w_p = ``privacy_weight``: how much the release moves the
+attack's projected final cosine, counted only near and above tau (a face far below it costs nothing to expose a
+little more, so the utility term gives it fewer partners; a face projected above it gains from every extra
+partner). Summed over a slot's releases the terms telescope to -phi(final cosine): a potential-shaped reward that
+ranks policies by the attack's final result. The client can compute this term for every k, not only the k it
+took (``Exposure.counterfactual`` simulates the release at each k from the pool), so ``reward`` returns the
+(N, |K|) rewards of every k (the utility term below included) and ``update`` fits pi to the optimum of the
+entropy-regularised one-step problem, pi*(k | s) ~ exp(r_k / beta) with beta = ``entropy``, by cross-entropy,
+instead of the one-sample REINFORCE step. Two state features are added (20 in all): the slot's c_hat before the
+release as its margin to tau in units of T (clipped to +-4, scaled to +-1) and its share of releases done.
+
 Update (REINFORCE with a baseline), every ``update_every`` FR steps over the actions taken since the last one:
     A = r - b,   loss = -mean(A * log pi(k | s)) - beta * mean(H(pi(. | s))),   b <- mu b + (1 - mu) mean(r)
 with beta = ``entropy`` (0.01) and mu = ``baseline_momentum`` (0.9). The exploratory draws enter the update as if
@@ -44,8 +63,12 @@ from torch import nn
 
 import fastmix
 
+from .exposure import Exposure
+
 BANDS = 15
 STATE_DIM = BANDS + 3
+EXPOSURE_FEATURES = 2  # privacy_signal s5_proxy: the slot's projected attack cosine, its share of releases done
+PRIVACY_SIGNALS = ("loss", "s5_proxy")
 
 
 def band_energies(x: torch.Tensor, color: str) -> torch.Tensor:
@@ -62,9 +85,9 @@ def band_energies(x: torch.Tensor, color: str) -> torch.Tensor:
 
 
 class PolicyNet(nn.Module):
-    def __init__(self, n_actions: int, hidden: int = 32):
+    def __init__(self, n_actions: int, hidden: int = 32, state_dim: int = STATE_DIM):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(STATE_DIM, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, n_actions))
+        self.net = nn.Sequential(nn.Linear(state_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, n_actions))
         nn.init.zeros_(self.net[-1].weight)  # start uniform over k
         nn.init.zeros_(self.net[-1].bias)
 
@@ -75,7 +98,8 @@ class PolicyNet(nn.Module):
 class Policy(nn.Module):
     """pi(k | state) with its REINFORCE bookkeeping (baseline, loss average, last validation accuracy)."""
 
-    def __init__(self, cfg: dict, k_choices, num_classes: int, color: str, seed: int, device):
+    def __init__(self, cfg: dict, k_choices, num_classes: int, color: str, seed: int, device,
+                 exposure: Exposure | None = None):
         super().__init__()
         self.cfg = cfg
         self.mode = cfg["mode"]
@@ -85,8 +109,16 @@ class Policy(nn.Module):
             raise ValueError(f"policy.explore must be in [0, 1), got {cfg['explore']!r}")
         if float(cfg["penalty"]) < 0 or float(cfg["penalty_lr"]) < 0:
             raise ValueError(f"policy.penalty and policy.penalty_lr must be >= 0, got {cfg['penalty']!r}, {cfg['penalty_lr']!r}")
+        # .get: policy configs written before the privacy signal existed still load (and mean "loss")
+        self.signal = cfg.get("privacy_signal", "loss")
+        check_privacy_signal(cfg)
+        if self.signal == "s5_proxy" and exposure is None:
+            raise ValueError("policy.privacy_signal='s5_proxy' needs the client's attack proxy (training.exposure."
+                             "Exposure, built by the training loop for defence.partners='pool'); pass exposure=")
+        self.exposure = exposure if self.signal == "s5_proxy" else None
+        self.state_dim = STATE_DIM + (EXPOSURE_FEATURES if self.exposure is not None else 0)
         self.register_buffer("k_values", torch.tensor(sorted(int(k) for k in k_choices), dtype=torch.int64))
-        self.net = PolicyNet(len(self.k_values), int(cfg["hidden"]))
+        self.net = PolicyNet(len(self.k_values), int(cfg["hidden"]), self.state_dim)
         self.color = color
         self.log_classes = math.log(max(2, num_classes))
         self.generator = torch.Generator().manual_seed(seed + 31337)  # CPU: the policy is tiny
@@ -100,16 +132,37 @@ class Policy(nn.Module):
         self.to(device)
         self.buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.last_state: torch.Tensor | None = None
+        self._release: tuple | None = None  # s5_proxy: the batch's slots, faces and "before" values, state -> reward
 
     # -- acting --------------------------------------------------------------------------------------
-    def state(self, x: torch.Tensor, progress: float) -> torch.Tensor:
-        """(N, 18) per-sample states, or (1, 18) for per-batch mode."""
+    def state(self, x: torch.Tensor, progress: float, slots: torch.Tensor | None = None,
+              truth: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
+        """(N, state_dim) per-sample states, or (1, state_dim) for per-batch mode (state_dim 18, or 20 with
+        privacy_signal s5_proxy, which also needs each face's ``slots`` (N,) (``Exposure.slots``), ``truth``
+        (N, D) the faces encoded alone as released, and the FR ``step``)."""
         bands = band_energies(x, self.color)
         if self.mode == "batch":
             bands = bands.mean(0, keepdim=True)
         ema = float(self.loss_ema) / self.log_classes
         scal = torch.tensor([progress, ema, float(self.val_acc)], device=bands.device).expand(bands.shape[0], 3)
-        self.last_state = torch.cat([bands, scal], 1).to(self.k_values.device)
+        parts = [bands, scal]
+        if self.exposure is not None:
+            if slots is None or truth is None:
+                raise ValueError("policy.privacy_signal='s5_proxy': Policy.state needs slots= and truth= (the faces' "
+                                 "training-set slots and their encodings alone)")
+            ex = self.exposure
+            slots = slots.to(ex.counts.device)
+            n = ex.counts[slots]
+            n_final = ex.expected_final(slots, step)
+            before = ex.projected(ex.cosine(slots, truth), n, n_final)
+            self._release = (slots, truth.detach(), n, n_final, before)
+            # the projected cosine as its margin to the threshold in units of the temperature (clipped): the
+            # cosines that matter lie within a few hundredths of tau, too close together for a raw input
+            tau, temp = float(self.cfg["proxy_threshold"]), float(self.cfg["proxy_temperature"])
+            margin = ((before - tau) / temp).clamp(-4, 4) / 4
+            feats = torch.stack([margin, (n.double() / n_final).float()], 1).to(bands.device)
+            parts.append(feats.mean(0, keepdim=True) if self.mode == "batch" else feats)
+        self.last_state = torch.cat(parts, 1).to(self.k_values.device)
         return self.last_state
 
     def probs(self, s: torch.Tensor) -> torch.Tensor:
@@ -125,18 +178,45 @@ class Policy(nn.Module):
         return (k.expand(n).clone() if self.mode == "batch" else k), a
 
     # -- rewards and updates -------------------------------------------------------------------------
-    def reward(self, loss: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """r = L_mix / L_ema - lambda * max(0, target - acc_val) * (k - k_min) / (k_max - k_min)."""
-        loss = loss.detach().float().cpu()
-        if self.mode == "batch":
-            loss = loss.mean().view(1)
-        ema = float(self.loss_ema) if float(self.loss_ema) > 0 else float(loss.mean())
-        k = self.k_values.cpu()[actions].float()
+    def reward(self, loss: torch.Tensor, actions: torch.Tensor, released=None) -> torch.Tensor:
+        """r = privacy - lambda * max(0, target - acc_val) * (k - k_min) / (k_max - k_min); privacy is L_mix / L_ema
+        (privacy_signal "loss") or the attack proxy's term (module docstring; ``released``: the defence's output,
+        ``defences.Masked``, whose rows and own weights the proxy records)."""
+        if self.exposure is not None:
+            priv = float(self.cfg["privacy_weight"]) * self.exposure_reward(released)
+        else:
+            loss = loss.detach().float().cpu()
+            if self.mode == "batch":
+                loss = loss.mean().view(1)
+            ema = float(self.loss_ema) if float(self.loss_ema) > 0 else float(loss.mean())
+            priv = loss / max(ema, 1e-8)
+        # s5_proxy: the reward of every k (N, |K|), the others: of the k taken (N,)
+        k = self.k_values.cpu().float() if self.exposure is not None else self.k_values.cpu()[actions].float()
         kmin, kmax = float(self.k_values.min()), float(self.k_values.max())
         span = max(kmax - kmin, 1.0)
         # no held-out accuracy yet: no utility term (not "accuracy 0", which is the largest possible gap)
         gap = max(0.0, float(self.cfg["target_acc"]) - float(self.val_acc)) if int(self.val_seen) > 0 else 0.0
-        return loss / max(ema, 1e-8) - float(self.lam) * gap * (k - kmin) / span
+        return priv - float(self.lam) * gap * (k - kmin) / span
+
+    def exposure_reward(self, released) -> torch.Tensor:
+        """The privacy term of every k (N, |K|) (per batch: the faces' mean, (1, |K|)): -[phi(c_hat after a release
+        at k) - phi(c_hat before)], the release at each k simulated by the client (``Exposure.counterfactual``),
+        then the actual released rows recorded in the proxy."""
+        if self._release is None:
+            raise RuntimeError("Policy.exposure_reward: call state() on the batch first (it records the slots)")
+        if released is None or getattr(released, "own", None) is None:
+            raise ValueError("policy.privacy_signal='s5_proxy' needs the released rows and each face's own weight "
+                             "(defences.Masked.own, set by defence.partners='pool'); pass released=")
+        slots, truth, n, n_final, before = self._release
+        self._release = None
+        ex = self.exposure
+        cf = ex.counterfactual(slots, truth, self.k_values.tolist())  # (N, |K|)
+        after = ex.projected(cf, (n + 1).view(-1, 1).expand_as(cf), n_final.view(-1, 1).expand_as(cf))
+        ex.add(slots, released.x.flatten(1).to(ex.sums.device), released.own.to(ex.sums.device), truth)
+        tau, temp = float(self.cfg["proxy_threshold"]), float(self.cfg["proxy_temperature"])
+        phi = lambda c: F.softplus((c.double() - tau) / temp)  # noqa: E731
+        r = -(phi(after) - phi(before).view(-1, 1)).float().cpu()  # before = 0 for a first release: a constant
+        return r.mean(0, keepdim=True) if self.mode == "batch" else r
 
     def observe_validation(self, acc: float) -> None:
         self.val_acc.fill_(acc)
@@ -162,6 +242,9 @@ class Policy(nn.Module):
         a = torch.cat([b[1] for b in self.buffer]).to(dev)
         r = torch.cat([b[2] for b in self.buffer]).to(dev)
         self.buffer = []
+        every_k = r.dim() == 2  # s5_proxy: the reward of every k, not only of the k taken
+        if every_k:
+            r_all, r = r, r.gather(1, a.view(-1, 1)).flatten()
         r_mean = r.mean()
         if dist.is_available() and dist.is_initialized():
             r_mean = r_mean.clone()
@@ -173,7 +256,16 @@ class Policy(nn.Module):
         logits = self.net(s).float()
         logp = F.log_softmax(logits, -1)
         ent = -(logp.exp() * logp).sum(-1)
-        loss = -(adv * logp.gather(1, a.view(-1, 1)).flatten()).mean() - float(self.cfg["entropy"]) * ent.mean()
+        if every_k:
+            # Every k's reward is known: fit pi to the optimum of the entropy-regularised one-step problem,
+            # pi*(k | s) ~ exp(r_k / beta), beta = ``entropy``, by cross-entropy. Measured on ORL seed 3 (the
+            # tuning split): one-sample REINFORCE on the proxy's reward, and the exact expected-reward gradient
+            # sum_k pi_k r_k too, ended with one k for every face whatever its exposure (the softmax gradient
+            # vanishes on the actions pi has left), although the best k differed with the exposure.
+            target = torch.softmax(r_all / max(float(self.cfg["entropy"]), 1e-4), 1)
+            loss = -(target * logp).sum(1).mean()
+        else:
+            loss = -(adv * logp.gather(1, a.view(-1, 1)).flatten()).mean() - float(self.cfg["entropy"]) * ent.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -191,13 +283,34 @@ class Policy(nn.Module):
     def mean_probs(self, s: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
             if s is None:
-                s = self.last_state if self.last_state is not None else torch.zeros(1, STATE_DIM, device=self.k_values.device)
+                s = self.last_state if self.last_state is not None else torch.zeros(1, self.state_dim, device=self.k_values.device)
             return self.probs(s).mean(0).cpu()
 
     # -- checkpointing (the buffer is part of the exact state) ----------------------------------------
     def extra_state(self) -> dict:
-        return {"buffer": self.buffer, "generator": self.generator.get_state()}
+        st = {"buffer": self.buffer, "generator": self.generator.get_state()}
+        if self.exposure is not None:  # the simulated releases' draws (the proxy's sums are buffers)
+            st["exposure_generator"] = self.exposure.generator.get_state()
+        return st
 
     def load_extra_state(self, st: dict) -> None:
         self.buffer = list(st["buffer"])
         self.generator.set_state(st["generator"])
+        if self.exposure is not None:
+            self.exposure.generator.set_state(st["exposure_generator"])
+
+
+def check_privacy_signal(cfg: dict) -> None:
+    """The privacy-signal keys of a policy config (ValueError naming the key and what to set)."""
+    signal = cfg.get("privacy_signal", "loss")
+    if signal not in PRIVACY_SIGNALS:
+        raise ValueError(f"policy.privacy_signal must be one of {PRIVACY_SIGNALS}, got {signal!r}")
+    if signal != "s5_proxy":
+        return
+    tau, temp, w = cfg.get("proxy_threshold"), cfg.get("proxy_temperature"), cfg.get("privacy_weight")
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0.0 < tau < 1.0:
+        raise ValueError(f"policy.proxy_threshold must be a cosine in (0, 1) (S5 scores at 0.9 and 0.95), got {tau!r}")
+    if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not temp > 0:
+        raise ValueError(f"policy.proxy_temperature must be > 0 (the width of the threshold, e.g. 0.02), got {temp!r}")
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or not w >= 0:
+        raise ValueError(f"policy.privacy_weight must be >= 0, got {w!r}")

@@ -103,3 +103,27 @@ def test_pool_debias_removes_the_pool_mean():
     x, mu = _faces(4), torch.full((C * HW,), 5.0)
     s = 0.4 * x + 0.6 * mu
     torch.testing.assert_close(S.pool_debias(s, mu, 0.4), x)
+
+
+def test_adaptive_variant_sets_its_policy_and_the_attack_tries_each_k(tmp_path):
+    # run.VARIANTS' adaptive_s5_pool: its "policy" entry goes to the run's policy config, not the defence's
+    from training.privacy import run as R
+
+    cfg = R.target_config("orl", "adaptive_s5_pool", R.VARIANTS["adaptive_s5_pool"], 0, R.BUDGETS["smoke"], tmp_path)
+    assert cfg["policy"]["privacy_signal"] == "s5_proxy" and cfg["policy"]["mode"] == "sample"
+    assert "policy" not in cfg["defence"] and cfg["defence"]["partners"] == "pool"
+    assert "policy" in R.VARIANTS["adaptive_s5_pool"]  # the table itself is left as it was
+
+
+def test_repeat_average_debias_tries_every_k_of_an_adaptive_defence(monkeypatch):
+    # the attacker knows the algorithm: k is drawn from k_choices, so it debiases at 1/k for each of them
+    seen = []
+    monkeypatch.setattr(S, "pool_debias", lambda src, mu, w: seen.append(round(w, 4)) or src)
+    monkeypatch.setattr(S, "unmixed_space", lambda d: (lambda x: x.flatten(1)))
+    monkeypatch.setattr(S, "method_of", lambda d: "linear_unmixing")
+    z = _faces(24, seed=3)
+    stream = S.Stream(z, torch.zeros(24, 1, dtype=torch.int64), torch.ones(24, 1), SHAPE)
+    opts = {"name": "adaptive", "k_choices": [2, 3, 6], "partners": "pool"}
+    names = [n for n, _, _ in S.adapted_attacks(None, opts, stream, 12, _faces(4, seed=4).view(4, 1, C, HW))]
+    assert "repeat_avg+debias" in names
+    assert sorted(set(seen)) == [round(1 / 6, 4), round(1 / 3, 4), 0.5]

@@ -53,6 +53,17 @@ DEFENCES = [
 # with stream options. Not in the default run; select them by label (--defences pool_k4,...). S5 meets each
 # with its adaptations (stream.adapted_attacks).
 VARIANT_BASE = {"name": "hybrid", "k": 2, "sign_flip": False}
+# The policy of the adaptive S5-proxy variant (tuned on ORL seed 3, a split none of the reported seeds uses, by the
+# proxy's own verdict; DEFENCES.md): per face, a policy step every FR step (120 steps give 24 updates at the default
+# update_every 5); no exploration floor (every k's reward is simulated, so nothing needs exploring, and a face
+# whose k changes from release to release is easier to recover than one at its mean k: the repeat average gains
+# more from its low-k rows than it loses on its high-k ones); the accuracy constraint's dual step lowered (the
+# default drove lambda to ~16 at the first validation, when ORL's validation accuracy is far below any target at
+# this budget, i.e. k_min for every face); threshold 0.95 on the proxy's cosine, which reads higher than S5's
+# (exact grouping and debias weight): at fixed k on seed 3 the proxy's share at 0.96 matched S5's at 0.9 for k 3 / 4.
+ADAPTIVE_S5_POLICY = {"mode": "sample", "privacy_signal": "s5_proxy", "update_every": 1, "lr": 0.01, "explore": 0.0,
+                      "entropy": 0.01, "target_acc": 0.8, "penalty": 1.0, "penalty_lr": 2.0, "proxy_threshold": 0.95,
+                      "proxy_temperature": 0.01, "privacy_weight": 1.0}
 VARIANTS = {
     # (c) partners never the face itself
     "noself_k2": {**VARIANT_BASE, "self_partner": False},
@@ -79,6 +90,14 @@ VARIANTS = {
     "pool_freqw_k2": {**VARIANT_BASE, "partners": "pool", "pool_size": 2000, "mix_weights": "frequency"},
     "pool_freqw_noise01_k2": {**VARIANT_BASE, "partners": "pool", "pool_size": 2000, "mix_weights": "frequency",
                               "noise": "gaussian", "noise_scale": 0.01},
+    # (issue 15, item 2) the adaptive hybrid mask on pool partners, k per face from the strategy network whose
+    # privacy reward is the client's own run of S5's informed repeat-average attack (training/exposure.py);
+    # "policy": the policy overrides of the run (target_config), not a defence key
+    "adaptive_s5_pool": {"name": "adaptive", "k_choices": [2, 3, 4, 5, 6], "sign_flip": False, "partners": "pool",
+                         "pool_size": 2000, "policy": ADAPTIVE_S5_POLICY},
+    # ... a stricter operating point: the proxy's threshold at 0.93
+    "adaptive_s5_pool_t93": {"name": "adaptive", "k_choices": [2, 3, 4, 5, 6], "sign_flip": False, "partners": "pool",
+                             "pool_size": 2000, "policy": {**ADAPTIVE_S5_POLICY, "proxy_threshold": 0.93}},
 }
 
 
@@ -107,6 +126,8 @@ BATCH = 40  # the training configs' batch; a smaller face set trains on batches 
 
 def target_config(split_name: str, label: str, dover: dict, seed: int, budget: dict, out: Path, train_faces: int = BATCH,
                   size: int = 56) -> dict:
+    dover = dict(dover)
+    policy = dover.pop("policy", None)  # a variant's policy overrides (adaptive_s5_pool), beside its defence keys
     over = {
         "name": f"privacy_{split_name}_{label}_s{seed}", "seed": seed, "out_dir": str(out / "fr" / f"{label}"),
         "data": {"size": size, "crop": None},
@@ -115,6 +136,8 @@ def target_config(split_name: str, label: str, dover: dict, seed: int, budget: d
         "train": {"steps": budget["fr_steps"], "progress": False, "eval_every": max(1, budget["fr_steps"] // 6),
                   "log_every": max(1, budget["fr_steps"] // 6), "threads": 1, "batch_size": min(BATCH, train_faces)},
     }
+    if policy:
+        over["policy"] = dict(policy)
     return load_config(project_root() / CONFIGS.get(split_name, CONFIGS["orl"]), overrides=over)  # folder sets: grey, as ORL
 
 

@@ -757,7 +757,10 @@ def adapted_attacks(defence, options: dict, stream: Stream, rows_per_epoch: int,
     """
     cache = {} if cache is None else cache
     z, shape = stream.z, stream.shape
-    k = int(options.get("k", 1))
+    # the adaptive defence draws k per face from its public k_choices: the attacker tries each one's debias weight
+    ks = [int(c) for c in options["k_choices"]] if options.get("name") == "adaptive" and options.get("k_choices") \
+        else [int(options.get("k", 1))]
+    k = max(ks)
     n_src = 2 * rows_per_epoch
     enc = unmixed_space(defence)
     mean_face = enc(attacker_faces).mean(0)
@@ -783,7 +786,8 @@ def adapted_attacks(defence, options: dict, stream: Stream, rows_per_epoch: int,
             own = stream.labels[:, 0] if variant == "informed" else None
             per = faces_per_identity(stream, rows_per_epoch) if variant == "informed" else None
             src = average_repeats(z, n_src, own, per, seed=seed)
-            yield "repeat_avg+debias", variant, torch.cat([src] + [pool_debias(src, mean_face, w) for w in (1 / k, 0.5)])
+            weights = sorted({1 / kk for kk in ks} | {0.5})
+            yield "repeat_avg+debias", variant, torch.cat([src] + [pool_debias(src, mean_face, w) for w in weights])
     if method_of(defence) == "sign_clusters" and options.get("sign_key") in ("channel", "block"):
         yield "canonical_signs", "blind", unmix_signed_groups(z, shape, options["sign_key"], mean_face, n_src, k,
                                                               rounds=rounds, seed=seed)

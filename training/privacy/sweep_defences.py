@@ -44,7 +44,7 @@ def _best(a, b):
 def attack(defence, dover, stream, n_rows, faces, attacker_faces, seed, rounds, log, known_pool=False):
     """Every attack that fits the variant; returns {attack name: recovery} and the best per face, blind and informed."""
     res, best = {}, {"blind": None, "informed": None}
-    k = int(dover.get("k", 1))
+    k = int(max(dover["k_choices"])) if dover.get("name") == "adaptive" else int(dover.get("k", 1))
     enc = S5.unmixed_space(defence)
 
     def note(name, variant, out):
@@ -127,10 +127,18 @@ def main(argv=None):
         log(f"[{label}] {a.set} seed {a.seed}: accuracy {acc:.3f} (train {t_train:.0f} s)")
         row = {"variant": label, "set": a.set, "seed": a.seed, "config": dover, "accuracy": acc, "train_s": t_train,
                "budget": {"fr_steps": b["fr_steps"], "batch": 40, "s5_rounds": b["s5_rounds"]}}
+        if dover.get("partners") == "pool" or dover["name"] == "adaptive":
+            # faces per mixed row over the run and its last 20 % (pool partners: the faces mixed, not the loss's)
+            row.update(k_mean=res["k_mean"], k_mean_last20=res["k_mean_last20"], k_hist=res["k_hist"])
+        if "exposure" in res:
+            row["exposure"] = res["exposure"]  # the client's own S5 estimate (the adaptive policy's signal)
+            log(f"    client proxy (informed repeat average, exact grouping): rec@0.9 "
+                f"{100 * res['exposure']['recovered@0.9']:.1f} %  @0.95 {100 * res['exposure']['recovered@0.95']:.1f} %; "
+                f"k_mean {res['k_mean']:.2f} (last 20 % {res['k_mean_last20']:.2f}) {res['k_hist']}")
         if dover.get("noise", "none") != "none":
             releases = round(dover.get("k", 1) * b["fr_steps"] * 40 / n_rows)
             row["dp"] = dp_bound(dover["noise"], dover["noise_scale"], 0.65, 63 * 49, releases)
-        if not a.no_attack and dover["name"] == "hybrid":
+        if not a.no_attack and dover["name"] in ("hybrid", "adaptive"):
             defence = R.load_target(cfg, split.num_victims).defence
             stream = rec.stream()
             t1 = time.time()
