@@ -13,6 +13,7 @@ A wheel for other machines (README, "A wheel for other machines"):
 import glob
 import os
 import platform
+import re
 import shutil
 import sys
 
@@ -57,10 +58,30 @@ def _cpu_flags():
     if os.environ.get("FASTMIX_CPU_ARCH"):
         _log("FASTMIX_CPU_ARCH is no longer read: the kernels are built for every CPU capability and chosen at run "
              "time (see FASTMIX_CPU_CAPABILITY in the README)")
-    flags = ["-O3", "-std=c++20", "-fopenmp"]
+    flags = ["-O3", "-std=c++20", "-fopenmp"] + _tune_flags()
     # Release builds carry no debug information (Python's own CFLAGS add -g: the extension with one CPU copy
     # was 23 MB with it, 1.5 MB without; 5 MB now with three); FASTMIX_DEBUG=1 keeps it, for gdb / perf.
     return flags + (["-g"] if _debug() else ["-g0"])
+
+
+def _tune_flags():
+    """-mtune: the CPU whose costs the compiler schedules, unrolls and picks instructions for (not which
+    instructions it may use: that is the capability copies' -march-free target pragmas), so any value is
+    portable. GCC's default, generic, cost the AVX2 copy 4-17% on the benchmark's ops on a Zen 2 EPYC against
+    the former -march=native build (1 thread, fp32, benches/results/cpu/dispatch_ab.json); tuning for the
+    build machine gave most of it back, and on an AVX-512 Xeon it changed nothing. So x86 builds tune for the
+    machine that compiles (a source install runs where it was built); FASTMIX_CPU_TUNE names another CPU
+    (e.g. generic for a wheel shared by many CPUs) or `none` for the compiler's default."""
+    tune = os.environ.get("FASTMIX_CPU_TUNE", "").strip()
+    if not tune:
+        x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+        tune = "native" if x86 else "none"  # aarch64 compilers differ in what -mtune=native means
+    if tune == "none":
+        return []
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", tune):
+        sys.exit(f"[fastmix setup] FASTMIX_CPU_TUNE: {tune!r} is not a CPU name (e.g. native, generic, "
+                 f"znver2, skylake-avx512, or none for the compiler's default)")
+    return [f"-mtune={tune}"]
 
 
 def _link_flags():
