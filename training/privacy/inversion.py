@@ -14,9 +14,10 @@ The attacks follow the generative-prior model-inversion line, scaled to a CPU:
   space (``attacks.invert_white_box``) it finds adversarial patterns: on the undefended ORL model the target
   model classified 100% of its inversions as the target while the independent judge recognised 10-20% (chance 5%).
 - GMI (Zhang et al., "The Secret Revealer", CVPR 2020): search the latent space of a generative face prior
-  trained on public faces of other people, so that the result stays a face. Our priors (``PCAPrior``,
-  ``VAEPrior``) are trained on the attacker's faces (``attack_prior``: its own + the public ones) and cached
-  on disk (``face_prior``).
+  trained on public faces of other people, so that the result stays a face. Our priors (``prior.py``:
+  ``PCAPrior`` eigenfaces, ``VAEPrior`` a small convolutional VAE, GMI's generator at CPU size) are fitted on
+  the attacker's faces (``attack_prior``: its own + the public ones, the same faces for both) and cached on
+  disk (``face_prior``); ``DEFAULT_PRIOR`` is the one S3 / S4 search unless told otherwise.
 - Plug & Play Attacks (PPA; Struppek et al., ICML 2022): a non-saturating identity loss (the Poincare loss;
   here also the target's cosine, which does not saturate under the CosFace / ArcFace scale as CE does),
   random augmentations of the candidate during the search (so it must hold for shifted / mirrored
@@ -40,7 +41,6 @@ is what the small target and the judge see differently (its features on 6 faces 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -52,7 +52,9 @@ from torch import nn
 
 from training.data import to_float
 
-PRIORS = ("pca", "vae")
+# The priors live in prior.py (fitting and caching apart from the search); re-exported for the callers of before.
+from .prior import (DEFAULT_PRIOR, PCA_DIMS, PRIORS, VAE_STEPS, PCAPrior, VAEPrior, attack_prior,  # noqa: F401
+                    face_prior, public_faces)
 LOSSES = ("cosine", "poincare")
 
 # Budgets (per defence, one set and seed, 20-40 identities, 1 CPU thread). "full" is the calibrated attack;
@@ -61,7 +63,7 @@ LOSSES = ("cosine", "poincare")
 # 100 / 150), so the budget goes to 16 restarts rather than more steps.
 BUDGETS = {
     "full": {"wb_steps": 40, "wb_candidates": 16, "wb_lr": 0.1, "bb_iters": 40, "bb_pop": 16, "bb_candidates": 2,
-             "bb_sigma": 0.3, "bb_lr": 0.1, "init_pool": 128, "vae_steps": 600},
+             "bb_sigma": 0.3, "bb_lr": 0.1, "init_pool": 128, "vae_steps": VAE_STEPS},
     "smoke": {"wb_steps": 3, "wb_candidates": 2, "wb_lr": 0.1, "bb_iters": 2, "bb_pop": 4, "bb_candidates": 2,
               "bb_sigma": 0.3, "bb_lr": 0.1, "init_pool": 4, "vae_steps": 5},
 }
@@ -77,208 +79,6 @@ def budget_of(budget: str | dict) -> dict:
     if bad:
         raise ValueError(f"unknown budget keys {sorted(bad)}; known: {sorted(BUDGETS['full'])}")
     return {**BUDGETS["full"], **budget}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Face priors from the attacker's own faces (identity-disjoint from the victims)
-# ----------------------------------------------------------------------------------------------------
-
-
-class PCAPrior(nn.Module):
-    """Eigenfaces of the attacker's faces (and their mirror images: a face's mirror is a face):
-    image = clamp(mean + sum_j z_j * sd_j * pc_j, -1, 1), z (N, D) in units of the component's spread, so
-    z ~ N(0, I) is a plausible face and |z| <= ``bound`` keeps the search near the face manifold.
-    (Generalises ``attacks.FaceBasis``: same basis, standardised latent, a differentiable decode.)"""
-
-    kind = "pca"
-
-    def __init__(self, shape, dims: int = 80, bound: float = 3.0):
-        super().__init__()
-        self.shape, self.dims, self.bound = tuple(int(s) for s in shape), int(dims), float(bound)
-        n = math.prod(self.shape)
-        self.register_buffer("mean", torch.zeros(n))
-        self.register_buffer("pcs", torch.zeros(self.dims, n))
-        self.register_buffer("sd", torch.ones(self.dims))
-
-    @torch.no_grad()
-    def fit(self, faces_u8: torch.Tensor, **_) -> "PCAPrior":
-        x = to_float(faces_u8)
-        x = torch.cat([x, x.flip(-1)]).flatten(1)
-        if self.dims > x.shape[0]:
-            raise ValueError(f"PCA prior: {self.dims} components need at least as many faces, got {x.shape[0]} (with mirrors)")
-        self.mean.copy_(x.mean(0))
-        _, s, vt = torch.linalg.svd(x - self.mean, full_matrices=False)
-        self.pcs.copy_(vt[: self.dims])
-        self.sd.copy_(s[: self.dims] / math.sqrt(x.shape[0]))
-        return self
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, C, S, S) in [-1, 1] (differentiable)."""
-        return (self.mean + (z * self.sd) @ self.pcs).clamp(-1, 1).view((-1,) + self.shape)
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, S, S) [-1, 1] -> (N, D): the projection onto the components, clamped to the bound."""
-        return (((x.flatten(1) - self.mean) @ self.pcs.t()) / self.sd).clamp(-self.bound, self.bound)
-
-
-class VAEPrior(nn.Module):
-    """A small convolutional VAE (Kingma & Welling 2014) of 56x56 grey faces: encoder 3 stride-2 convs
-    (16/32/64) -> (mu, log var) of a ``dims``-D latent; decoder the mirror image, tanh output in [-1, 1].
-    Trained on the attacker's faces with flips and +-2 pixel shifts (ORL: 200 faces, so a light model).
-    The search stays within ``bound`` per coordinate of the N(0, I) latent."""
-
-    kind = "vae"
-
-    def __init__(self, shape, dims: int = 32, bound: float = 3.0, width: int = 16):
-        super().__init__()
-        c, s, s2 = shape
-        if s != s2 or s % 8:
-            raise ValueError(f"VAE prior needs square images with a side divisible by 8, got {tuple(shape)}")
-        self.shape, self.dims, self.bound = tuple(int(v) for v in shape), int(dims), float(bound)
-        w, self.g = width, s // 8
-        act = nn.LeakyReLU(0.2, inplace=True)
-        self.enc = nn.Sequential(nn.Conv2d(c, w, 4, 2, 1), act, nn.Conv2d(w, 2 * w, 4, 2, 1), nn.BatchNorm2d(2 * w), act,
-                                 nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.BatchNorm2d(4 * w), act, nn.Flatten())
-        self.mu = nn.Linear(4 * w * self.g * self.g, self.dims)
-        self.logvar = nn.Linear(4 * w * self.g * self.g, self.dims)
-        self.fc = nn.Linear(self.dims, 4 * w * self.g * self.g)
-        self.dec = nn.Sequential(nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),
-                                 nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                                 nn.ConvTranspose2d(w, c, 4, 2, 1), nn.Tanh())
-        self.w = w
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, C, S, S) in [-1, 1] (differentiable; eval-mode batch norm)."""
-        return self.dec(self.fc(z).view(-1, 4 * self.w, self.g, self.g))
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, S, S) -> (N, D): the posterior mean, clamped to the bound."""
-        return self.mu(self.enc(x)).clamp(-self.bound, self.bound)
-
-    def fit(self, faces_u8: torch.Tensor, steps: int = 1500, batch: int = 32, lr: float = 2e-3, beta: float = 0.5,
-            seed: int = 0, **_) -> "VAEPrior":
-        """ELBO with an L1 + MSE reconstruction term (sharper than MSE alone on 200 faces) and beta * KL."""
-        g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        opt = torch.optim.Adam(self.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(2, steps), pct_start=0.1)
-        n, s = faces_u8.shape[0], faces_u8.shape[-1]
-        self.train()
-        for _ in range(steps):
-            x = to_float(faces_u8[torch.randint(n, (batch,), generator=g)])
-            x = torch.where((torch.rand(batch, generator=g) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
-            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
-            x = F.pad(x, (2, 2, 2, 2), mode="replicate")[..., 2 + dy : 2 + dy + s, 2 + dx : 2 + dx + s]
-            h = self.enc(x)
-            mu, logvar = self.mu(h), self.logvar(h).clamp(-8, 8)
-            z = mu + torch.randn(mu.shape, generator=g) * (0.5 * logvar).exp()
-            rec = self.decode(z)
-            # per-pixel reconstruction, KL per latent dim scaled to the same per-pixel units
-            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1).mean() / math.prod(self.shape)
-            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + beta * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        self.fit_loss = float(loss.detach())
-        return self.eval()
-
-
-PUBLIC_LFW_SEEDS = range(5)  # data.JUDGE_SEEDS: the LFW people these seeds draw as attackers are in no judge pool
-
-
-def public_faces(split, lfw_root: Path | str | None = None, log=None) -> tuple[torch.Tensor, dict]:
-    """The faces the attacker's prior learns from: its own (``split.attacker``) plus public web faces of other
-    people: the LFW people that LFW seeds 0-4 draw as *attackers* (people with < 10 images; 2,578 images of
-    1,629 people at 56x56). Returns ((N, 1, S, S) uint8, info: counts, and "names" the LFW people added).
-
-    Threat-model choice (issue 14 item 2): a model-inversion attacker holds a public face set of people who
-    are not the victims (GMI / PPA use CelebA / FFHQ against FaceScrub / CelebA targets); for ORL its own
-    200 lab faces of 20 people are a very thin prior, so it also holds these LFW photos. They are disjoint
-    from every victim (ORL: another dataset; LFW: victims have >= 10 images) and from the judge's pool
-    (``data.lfw_judge_pool_fixed`` leaves out exactly these people), which is checked here by name: a person
-    who is a victim of ``split`` or in its judge pool is dropped. Without LFW the attacker keeps its own faces.
-    Measured (ORL seeds 0-2, S3, lfw_all cnn judge top-1): own faces, 80 eigenfaces 0.25 / 0.30 / 0.15; own + LFW
-    public, 160 eigenfaces 0.40 / 0.40 / 0.45."""
-    from training.data import CachedFaces, data_root, scan_image_folder
-    from .data import LFW_CROP, _lfw_draw
-
-    own = split.attacker.images
-    root = Path(lfw_root) if lfw_root else data_root() / "lfw"
-    if not root.is_dir():
-        return own, {"public": "attacker only (no LFW at %s)" % root, "images": len(own), "lfw_images": 0}
-    people = scan_image_folder(root)
-    names: dict[str, list[str]] = {}
-    for s in PUBLIC_LFW_SEEDS:
-        for n, fs in _lfw_draw(people, s, 40, 10, 600)[2]:
-            names[n] = fs
-    banned = set(split.info.get("victims", ())) | set(split.info.get("attackers", ()))  # attackers: already in own
-    if split.judge is not None:
-        banned |= set(split.judge.identities)
-    keep = sorted(n for n in names if n not in banned)
-    files, labels = [], []
-    for y, n in enumerate(keep):
-        files += names[n]
-        labels += [y] * len(names[n])
-    size = int(own.shape[-1])
-    lfw = CachedFaces.from_files(files, labels, "grey", size, LFW_CROP).images if files else own[:0]
-    info = {"public": f"attacker's own + LFW attackers of seeds {min(PUBLIC_LFW_SEEDS)}-{max(PUBLIC_LFW_SEEDS)}",
-            "images": len(own) + len(lfw), "lfw_images": len(lfw), "lfw_people": len(keep),
-            "dropped_people": len(names) - len(keep), "names": keep}
-    if log is not None:
-        log(f"    prior faces: {len(own)} own + {len(lfw)} public LFW faces of {len(keep)} other people")
-    return torch.cat([own, lfw]), info
-
-
-def attack_prior(split, *, work: Path | str | None = None, kind: str = "pca", dims: int | None = None, seed: int = 0,
-                 log=None) -> PCAPrior | VAEPrior:
-    """The prior S3 and S4 search: ``face_prior`` of ``kind`` on ``public_faces(split)`` (cached under
-    ``work``); 160 eigenfaces for PCA (on the ~2.8k faces, lfw_all judge: ORL seeds 0-4 S3 0.40 / 0.40 / 0.45 / 0.20 / 0.15
-    at 160 against 0.40 / 0.40 / 0.35 / 0.20 / 0.35 at 300). ``.public`` holds public_faces' info."""
-    faces, info = public_faces(split, log=log)
-    prior = face_prior(kind, faces, work=work, dims=dims or (160 if kind == "pca" else None), seed=seed, log=log)
-    prior.public = info
-    return prior
-
-
-def _digest(faces_u8: torch.Tensor) -> str:
-    return hashlib.sha1(faces_u8.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def face_prior(kind: str, faces_u8: torch.Tensor, *, work: Path | str | None = None, dims: int | None = None,
-               steps: int | None = None, seed: int = 0, log=None) -> PCAPrior | VAEPrior:
-    """The attacker's face prior of ``kind`` ("pca" / "vae") fitted on its faces (N, C, S, S) uint8.
-
-    With ``work``, the fitted prior is cached as ``<work>/priors/<kind>_<key>.pt``; the key covers every
-    input that changes it (the faces' bytes, so the set, split seed and size; kind, dims, steps, seed and a
-    format version), so a cached prior is reused only for the very same training. Returns it in eval mode
-    with ``.cache_path`` (None without ``work``) and ``.from_cache`` set."""
-    if kind not in PRIORS:
-        raise ValueError(f"prior kind must be one of {PRIORS}, got {kind!r}")
-    if faces_u8.dtype != torch.uint8 or faces_u8.dim() != 4:
-        raise ValueError(f"prior faces must be (N, C, S, S) uint8, got {tuple(faces_u8.shape)} {faces_u8.dtype}")
-    dims = int(dims or (80 if kind == "pca" else 32))  # 80 eigenfaces: ORL seed 0 S3 0.45-0.50 at 20-40, 0.60 at 80-160
-    steps = int(steps if steps is not None else BUDGETS["full"]["vae_steps"]) if kind == "vae" else 0
-    prior = PCAPrior(faces_u8.shape[1:], dims) if kind == "pca" else VAEPrior(faces_u8.shape[1:], dims)
-    key = hashlib.sha1(f"v1|{kind}|{dims}|{steps}|{seed}|{tuple(faces_u8.shape)}|{_digest(faces_u8)}".encode()).hexdigest()[:20]
-    path = Path(work) / "priors" / f"{kind}_{key}.pt" if work is not None else None
-    prior.cache_path, prior.from_cache = path, False
-    if path is not None and path.is_file():
-        prior.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        prior.from_cache = True
-        return prior.eval()
-    t0 = time.time()
-    prior.fit(faces_u8, steps=steps, seed=seed)
-    if log is not None:
-        log(f"    prior {kind} ({dims}-D) fitted on {faces_u8.shape[0]} attacker faces in {time.time() - t0:.1f} s")
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(prior.state_dict(), tmp)
-        tmp.replace(path)  # atomic: a concurrent run never reads half a file
-    return prior.eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -561,16 +361,29 @@ def summarise(verdict: dict[str, torch.Tensor], inv: Inversion | None = None, ow
 # ----------------------------------------------------------------------------------------------------
 
 
-def calibrate(set_name: str, seeds, *, work: Path | str | None = None, budget: str | dict = "full", judge_kind: str = "cnn",
-              public: bool = True, dims: int | None = None, average: int = 4, log=print) -> list[dict]:
+def calibrate(set_name: str, seeds, *, work: Path | str | None = None, budget: str | dict = "full", judge_kind: str = "cnn2",
+              priors=("pca",), public: bool = True, dims: int | dict | None = None, average: int = 4,
+              scenarios=("S3", "S4"), face_pool: int = 0, vae_pool: int = 0, train_missing: bool = False,
+              log=print) -> list[dict]:
     """S3 and S4 on the trained undefended ("none") targets of ``run.py`` (``<work>/<set>_s<seed>/fr/none``),
-    graded by the evaluation's cached judge, beside two trivial baselines that hold no identity information
-    beyond the target's choice among public faces: the prior's mean face for every victim, and the public face
-    the target scores highest for each victim (a real face, the target's pick: chance for the judge unless the
-    judge rewards something other than the person). Returns one dict per seed: for "mean_face",
-    "best_public_face", "S3", "S4" the judge's "top1" / "top5" (templates of the victims' held-out images, as
-    run.py), the target's own "target_top1", and for the attacks "wall_s" (one thread) and "queries"."""
+    graded by the evaluation's cached judge (``judge_kind``; cnn2 is the one run.py reports), once per prior
+    kind of ``priors`` (every kind fitted on the same ``public_faces``, cached under ``<work>/priors``), beside
+    two trivial baselines that hold no identity information beyond the target's choice among public faces: the
+    prior's mean face (z = 0) for every victim, and the public face the target scores highest for each victim (a
+    real face, the target's pick: chance for the judge unless the judge rewards something other than the person).
+
+    dims: one value for every kind, or {kind: dims}; face_pool: that many of the prior's encodings of public
+    faces (every n-th) join S3's initial pool; vae_pool: the hybrid prior, the eigenface search started from
+    faces the VAE draws: that many N(0, I) VAE decodes, projected on the eigenfaces, join the PCA prior's
+    initial pool (the VAE is fitted, or taken from the cache, for it); train_missing: train an absent
+    undefended target here exactly as run.py does (``run.target_config``, ``training.loop.train``: seconds on
+    one thread) instead of raising.
+    Returns one dict per (seed, prior): "prior" (kind, dims, faces, its fitting info), for "mean_face",
+    "best_public_face" and each of ``scenarios`` the judge's "top1" / "top5" (templates of the victims'
+    held-out images, as run.py), the target's own "target_top1", and for the attacks "wall_s" (one thread),
+    "queries" and the objective's curve."""
     from training.config import project_root
+    from training.loop import train
 
     from .data import get_split
     from .judge import cache_path, load_judge
@@ -581,16 +394,26 @@ def calibrate(set_name: str, seeds, *, work: Path | str | None = None, budget: s
     torch.set_num_threads(1)
     work = Path(work or project_root() / "out" / "privacy")
     ib = budget_of(budget)
+    bad = [k for k in priors if k not in PRIORS] + [s for s in scenarios if s not in ("S3", "S4")]
+    if bad:
+        raise ValueError(f"priors must be among {PRIORS} and scenarios among ('S3', 'S4'); got {bad}")
     out = []
     for seed in seeds:
         split = get_split(set_name, seed)
         v, vic = split.num_victims, split.victim_train
         cfg = target_config(set_name, "none", {"name": "none"}, seed, RUN_BUDGETS["full"], work / f"{set_name}_s{seed}", len(vic))
-        if not (Path(cfg["out_dir"]) / "ckpt.pt").is_file():
-            raise FileNotFoundError(f"no undefended target at {cfg['out_dir']}: run python -m training.privacy first")
         if not cache_path(split.judge, judge_kind, "full", 0, work).is_file():
             raise FileNotFoundError(f"the {judge_kind} judge of pool {split.judge.name} is not cached under {work}/cache "
                                     "(python -m training.privacy trains it once)")
+        train_s = None
+        if not (Path(cfg["out_dir"]) / "ckpt.pt").is_file():
+            if not train_missing:
+                raise FileNotFoundError(f"no undefended target at {cfg['out_dir']}: run python -m training.privacy first "
+                                        "(or calibrate(..., train_missing=True))")
+            t0 = time.time()
+            train(cfg, resume=False, data=split.bundle())
+            train_s = time.time() - t0
+            log(f"[calibrate] {set_name} seed {seed}: undefended target trained in {train_s:.0f} s")
         model = load_target(cfg, v)
         dm = A.DefendedModel(model.defence, model.backbone, model.head, seed)
         for p in dm.parameters():
@@ -598,44 +421,73 @@ def calibrate(set_name: str, seeds, *, work: Path | str | None = None, budget: s
         judge = load_judge(split, judge_kind, "full", 0, work, log=lambda *_: None)
         judge.enroll(torch.cat([split.victim_val.images, split.victim_test.images]),
                      torch.cat([split.victim_val.labels, split.victim_test.labels]))
-        if public:
-            prior = attack_prior(split, work=work, dims=dims, seed=seed)
-        else:  # the attacker's own faces only (the prior before the public faces; the comparison)
-            prior = face_prior("pca", split.attacker.images, work=work, dims=dims or 80, seed=seed)
-            prior.public = {"public": "attacker only", "images": len(split.attacker.images), "lfw_images": 0}
         t = torch.arange(v)
 
         def grade(images):
             return {"top1": float(judge.hits(images, t, 1).mean()), "top5": float(judge.hits(images, t, 5).mean()),
                     "target_top1": float(target_top1(dm, images, t).float().mean())}
 
-        faces = public_faces(split)[0] if public else split.attacker.images
+        faces, pub_info = public_faces(split) if public else (split.attacker.images, {
+            "public": "attacker only", "images": len(split.attacker.images), "lfw_images": 0})
         with torch.no_grad():
             x = to_float(faces)
             sc = torch.cat([dm(x[i : i + 512]) for i in range(0, len(x), 512)])
-        pub = {k: x for k, x in prior.public.items() if k != "names"}
-        row = {"set": set_name, "seed": seed, "victims": v, "prior": {"kind": prior.kind, "dims": prior.dims, **pub},
-               "mean_face": grade(prior.decode(torch.zeros(v, prior.dims))), "best_public_face": grade(x[sc[:, t].argmax(0)])}
-        dm.queries = 0
-        inv = invert_white_box(dm, t, prior, steps=ib["wb_steps"], candidates=ib["wb_candidates"], lr=ib["wb_lr"],
-                               init_pool=ib["init_pool"], average=average, seed=seed)
-        row["S3"] = {**grade(inv.images), "wall_s": inv.wall_s, "queries": inv.queries, "curve": [round(c, 4) for c in inv.curve[::10]]}
-        dm.queries = 0
-        inv = invert_black_box(dm, t, prior, iters=ib["bb_iters"], pop=ib["bb_pop"], candidates=ib["bb_candidates"],
-                               sigma=ib["bb_sigma"], lr=ib["bb_lr"], init_pool=ib["init_pool"], seed=seed)
-        row["S4"] = {**grade(inv.images), "wall_s": inv.wall_s, "queries": inv.queries, "curve": [round(c, 4) for c in inv.curve[::10]]}
-        log(f"[calibrate] {set_name} seed {seed} ({v} victims, judge {split.judge.name}): " + "  ".join(
-            f"{k} top1 {row[k]['top1']:.2f} top5 {row[k]['top5']:.2f} target {row[k]['target_top1']:.2f}"
-            + (f" ({row[k]['wall_s']:.1f} s)" if "wall_s" in row[k] else "") for k in ("mean_face", "best_public_face", "S3", "S4")))
-        out.append(row)
+        best_public = grade(x[sc[:, t].argmax(0)])
+        for kind in priors:
+            d = dims.get(kind) if isinstance(dims, dict) else dims
+            t0 = time.time()
+            # attack_prior's prior, on the faces read once above (public=False: the attacker's own faces only,
+            # the prior before the public faces, for the comparison)
+            if kind == "pca" and d is None:
+                d = PCA_DIMS if public else 80
+            prior = face_prior(kind, faces, work=work, dims=d, steps=ib["vae_steps"], seed=seed)
+            prior.public = pub_info
+            fit_s = time.time() - t0
+            pub = {k: x for k, x in prior.public.items() if k != "names"}
+            info = {k: x for k, x in prior.info.items() if k != "curve"}
+            row = {"set": set_name, "seed": seed, "victims": v, "target_train_s": train_s,
+                   "prior": {"kind": prior.kind, "dims": prior.dims, "from_cache": prior.from_cache, "load_or_fit_s": round(fit_s, 1),
+                             **info, "curve": prior.info.get("curve"), **pub},
+                   "mean_face": grade(prior.decode(torch.zeros(v, prior.dims)).detach()), "best_public_face": best_public}
+            if "S3" in scenarios:
+                pools = [prior.encode(x[:: max(1, len(x) // face_pool)][:face_pool])] if face_pool else []
+                if vae_pool and kind == "pca":
+                    vae = face_prior("vae", faces, work=work, dims=dims.get("vae") if isinstance(dims, dict) else None,
+                                     steps=ib["vae_steps"], seed=seed)
+                    zv = torch.randn(vae_pool, vae.dims, generator=torch.Generator().manual_seed(seed)).clamp(-vae.bound, vae.bound)
+                    with torch.no_grad():
+                        pools.append(prior.encode(vae.decode(zv)))
+                row["prior"]["init"] = {"face_pool": face_pool, "vae_pool": vae_pool if kind == "pca" else 0}
+                pool = torch.cat(pools) if pools else None
+                dm.queries = 0
+                inv = invert_white_box(dm, t, prior, steps=ib["wb_steps"], candidates=ib["wb_candidates"], lr=ib["wb_lr"],
+                                       init_pool=ib["init_pool"], average=average, seed=seed, pool_latents=pool)
+                row["S3"] = {**grade(inv.images), "wall_s": inv.wall_s, "queries": inv.queries,
+                             "curve": [round(c, 4) for c in inv.curve[::10]]}
+                row["S3_images"] = inv.images
+            if "S4" in scenarios:
+                dm.queries = 0
+                inv = invert_black_box(dm, t, prior, iters=ib["bb_iters"], pop=ib["bb_pop"], candidates=ib["bb_candidates"],
+                                       sigma=ib["bb_sigma"], lr=ib["bb_lr"], init_pool=ib["init_pool"], seed=seed)
+                row["S4"] = {**grade(inv.images), "wall_s": inv.wall_s, "queries": inv.queries,
+                             "curve": [round(c, 4) for c in inv.curve[::10]]}
+            shown = ("mean_face", "best_public_face", *scenarios)
+            log(f"[calibrate] {set_name} seed {seed} ({v} victims, {judge_kind} judge of {split.judge.name}), prior {kind} "
+                f"({prior.dims}-D, {'cached' if prior.from_cache else f'fitted in {fit_s:.0f} s'}): " + "  ".join(
+                    f"{k} top1 {row[k]['top1']:.2f} top5 {row[k]['top5']:.2f} target {row[k]['target_top1']:.2f}"
+                    + (f" ({row[k]['wall_s']:.1f} s)" if "wall_s" in row[k] else "") for k in shown))
+            out.append(row)
     return out
 
 
-if __name__ == "__main__":  # python -m training.privacy.inversion orl 0,1,2,3,4 [out.json]
+if __name__ == "__main__":  # python -m training.privacy.inversion orl 0,1,2,3,4 [out.json] [options as JSON]
     import json
     import sys
 
-    opts = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}  # e.g. {"public": false, "budget": {"wb_steps": 60}}
+    # e.g. '{"priors": ["pca", "vae"], "scenarios": ["S3"], "train_missing": true, "work": "out/privacy_vae"}'
+    opts = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
     rows = calibrate(sys.argv[1], [int(s) for s in sys.argv[2].split(",")], **opts)
     if len(sys.argv) > 3:
+        images = {f"{r['seed']}_{r['prior']['kind']}": r.pop("S3_images") for r in rows if "S3_images" in r}
         Path(sys.argv[3]).write_text(json.dumps(rows, indent=1))
+        torch.save(images, Path(sys.argv[3]).with_suffix(".images.pt"))

@@ -414,7 +414,7 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
     # PCA (160 eigenfaces) of the attacker's faces plus public LFW faces of people who are neither victims nor in
     # the judge pool (inversion.attack_prior): undefended S3 top-1 ORL 0.44 / LFW 0.45 against 0.33 / 0.41 with
     # the attacker's faces alone (5 / 3 seeds, the fixed-pool CNN judge; inversion.calibrate)
-    prior = INV.attack_prior(split, work=work, seed=seed, log=log)
+    prior = INV.attack_prior(split, work=work, seed=seed, steps=ib["vae_steps"], log=log)  # steps: the VAE's, if it is the prior
     targets = torch.arange(v)
     rows, images = [], {"original": to_float(vic.images[:SHOW]), "mi_real": [], "defences": {}}
     first_of = torch.stack([(vic.labels == t).nonzero()[0, 0] for t in range(min(SHOW, v))])
