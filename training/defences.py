@@ -57,6 +57,8 @@ from torch import nn
 import fastmix
 from fastmix.nn import HybridMask, keep_ids
 
+from .data import to_float
+
 MIX_WEIGHTS = ("image", "frequency")
 NOISES = ("none", "gaussian", "laplace")
 PARTNERS = ("batch", "pool")
@@ -122,7 +124,9 @@ class Defence(nn.Module):
 
     def encode_alone(self, x) -> torch.Tensor:
         """One face alone, unmixed, unsigned, noise-free, in the released units: the space in which S5 scores a
-        recovered face (``privacy.stream.unmixed_space``) and the S5 proxy compares its estimates."""
+        recovered face (``privacy.stream.unmixed_space``) and the S5 proxy compares its estimates. The keep-set
+        block DCT here; pixels for ``none``, and DCTDP's 1/128 scale (so that a noise-free repeat average of its
+        releases lands on it)."""
         return self.frontend(x, keep=self.ids)
 
     # -- resumable randomness ------------------------------------------------------------------------
@@ -144,6 +148,9 @@ class NoDefence(Defence):
         return Masked(x, *_identity(x, y))
 
     def encode_eval(self, x, generator):
+        return x
+
+    def encode_alone(self, x):
         return x
 
 
@@ -218,6 +225,9 @@ class DCTDP(Defence):
     def encode_eval(self, x, generator):
         return self._noisy(x, generator)
 
+    def encode_alone(self, x):
+        return super().encode_alone(x) / self.SCALE
+
 
 class Mixing(Defence):
     """HybridMask-based defences: instahide, hybrid (fixed k) and adaptive (k from the policy)."""
@@ -265,7 +275,7 @@ class Mixing(Defence):
             index = own
         elif self.partners == "pool":
             pick = torch.randint(self.pool.shape[0], (n * (kmax - 1),), generator=gen, device=dev)
-            px = self.pool[pick.cpu()].to(x.device).float().div(127.5).sub(1.0)
+            px = to_float(self.pool[pick.cpu()].to(x.device))
             flip = (torch.rand(n * (kmax - 1), generator=gen, device=dev) < 0.5).to(x.device).view(-1, 1, 1, 1)
             xs = torch.cat([x, torch.where(flip, px.flip(-1), px)])  # pool faces mirrored like the batch's
             index = torch.cat([own, n + torch.arange(n * (kmax - 1), device=dev).view(n, kmax - 1)], 1)

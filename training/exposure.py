@@ -38,6 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import to_float
+
+
+def attack_cosine(avg: torch.Tensor, wbar: torch.Tensor, mean_face: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(M,) S5's score of repeat averages ``avg`` (M, D) against the faces ``truth`` (M, D): the better of the raw
+    and the debiased average, d = avg - (1 - wbar) mu, ``wbar`` (M, 1) the rows' mean own weight, ``mean_face``
+    mu (D,) the pool's."""
+    deb = avg - (1 - wbar) * mean_face.view(1, -1)
+    return torch.maximum(F.cosine_similarity(avg, truth, dim=1), F.cosine_similarity(deb, truth, dim=1))
+
 
 class Exposure(nn.Module):
     """Running repeat averages of every (face, mirror) slot and the informed attack's cosine on each.
@@ -98,9 +108,7 @@ class Exposure(nn.Module):
         m = n.clamp_min(1).to(self.sums.dtype).view(-1, 1)
         avg = self.sums[slots] / m
         wbar = (self.own[slots] / n.clamp_min(1)).to(avg.dtype).view(-1, 1)
-        deb = avg - (1 - wbar) * self.mean_face.view(1, -1)
-        t = truth.float().flatten(1)
-        cos = torch.maximum(F.cosine_similarity(avg, t, dim=1), F.cosine_similarity(deb, t, dim=1))
+        cos = attack_cosine(avg, wbar, self.mean_face, truth.float().flatten(1))
         return torch.where(n > 0, cos, torch.zeros_like(cos))
 
     @torch.no_grad()
@@ -130,7 +138,7 @@ class Exposure(nn.Module):
         t = truth.float().flatten(1).cpu()
         n = self.counts[slots].cpu()
         sums, own = self.sums[slots].cpu(), self.own[slots].cpu()
-        codes = self.pool_codes.cpu()
+        codes, mean_face = self.pool_codes.cpu(), self.mean_face.cpu()
         m = t.shape[0]
         out = torch.zeros(m, len(ks))
         n1 = (n + 1).to(torch.float32).view(-1, 1)
@@ -149,8 +157,7 @@ class Exposure(nn.Module):
                     z = w[:, :1] * t + (w[:, 1:].unsqueeze(2) * codes[pick[:, : k - 1]]).sum(1)
                 avg = (sums + z) / n1
                 wbar = ((own + w[:, 0].double()) / (n + 1)).float().view(-1, 1)
-                deb = avg - (1 - wbar) * self.mean_face.cpu().view(1, -1)
-                out[:, j] += torch.maximum(F.cosine_similarity(avg, t, dim=1), F.cosine_similarity(deb, t, dim=1))
+                out[:, j] += attack_cosine(avg, wbar, mean_face, t)
         return (out / draws).to(self.sums.device)
 
     def expected_final(self, slots: torch.Tensor, step: int) -> torch.Tensor:
@@ -190,7 +197,7 @@ def build_exposure(defence, faces: int, batch: int, flip: bool, steps: int, seed
                          "(with batch partners S5's linear unmixing recovers ~98 % whatever this proxy says)")
     codes = []
     for i in range(0, pool.shape[0], chunk):
-        p = pool[i : i + chunk].float().div(127.5).sub(1.0).to(defence.generator.device)
+        p = to_float(pool[i : i + chunk]).to(defence.generator.device)
         for im in (p, p.flip(-1)):  # the defence mirrors pool partners at random
             codes.append(defence.encode_alone(im).flatten(1).float().cpu())
     codes = torch.cat(codes)

@@ -389,11 +389,16 @@ def recovery(cos: torch.Tensor, taus=(0.9, 0.95)) -> dict:
 def unmixed_space(defence):
     """The representation of one face alone, unsigned and unmixed, in the stream's units: a function
     (N, C, S, S) [-1, 1] -> (N, D). Pixels for ``none``; the keep-set block DCT otherwise (DCTDP's 1/128 scale
-    included, so a noise-free repeat average lands on it)."""
-    if defence.name == "none":
-        return lambda x: x.flatten(1)
-    scale = 1.0 / defence.SCALE if defence.name == "dctdp" else 1.0
-    return lambda x: (defence.frontend(x, keep=defence.ids) * scale).flatten(1)
+    included, so a noise-free repeat average lands on it): ``Defence.encode_alone``, flattened."""
+    return lambda x: defence.encode_alone(x).flatten(1)
+
+
+def k_values(options: dict) -> list[int]:
+    """The k a mixing defence's options may draw (its defence keys): the adaptive defence's ``k_choices``, else
+    its one ``k``."""
+    if options.get("name") == "adaptive" and options.get("k_choices"):
+        return [int(c) for c in options["k_choices"]]
+    return [int(options.get("k", 1))]
 
 
 def method_of(defence) -> str:
@@ -758,8 +763,7 @@ def adapted_attacks(defence, options: dict, stream: Stream, rows_per_epoch: int,
     cache = {} if cache is None else cache
     z, shape = stream.z, stream.shape
     # the adaptive defence draws k per face from its public k_choices: the attacker tries each one's debias weight
-    ks = [int(c) for c in options["k_choices"]] if options.get("name") == "adaptive" and options.get("k_choices") \
-        else [int(options.get("k", 1))]
+    ks = k_values(options)
     k = max(ks)
     n_src = 2 * rows_per_epoch
     enc = unmixed_space(defence)

@@ -44,7 +44,7 @@ def _best(a, b):
 def attack(defence, dover, stream, n_rows, faces, attacker_faces, seed, rounds, log, known_pool=False):
     """Every attack that fits the variant; returns {attack name: recovery} and the best per face, blind and informed."""
     res, best = {}, {"blind": None, "informed": None}
-    k = int(max(dover["k_choices"])) if dover.get("name") == "adaptive" else int(dover.get("k", 1))
+    k = max(S5.k_values(dover))
     enc = S5.unmixed_space(defence)
 
     def note(name, variant, out):
