@@ -96,6 +96,7 @@ DEFAULTS: dict = {
         "log_every": 10,
         "eval_every": 50,  # held-out validation (drives the policy's utility term)
         "progress": True,
+        "plot": True,  # metrics.png at the end (matplotlib: about 2 s a run; the privacy runs' many small targets skip it)
         "threads": None,
         "device": "auto",  # auto | cpu | cuda
         "max_steps_this_run": None,  # stop after this many steps (to test resume); None: run to the end

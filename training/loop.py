@@ -67,7 +67,7 @@ METRICS = "metrics.jsonl"
 # Config keys a resumed run may change: where it writes, how much it logs, how far this process runs, and
 # the final evaluation. Any other difference means the checkpoint belongs to another experiment: resuming
 # would report that run's model under this config.
-RESUME_MAY_CHANGE = ("out_dir", "train.max_steps_this_run", "train.progress", "train.log_every", "train.threads",
+RESUME_MAY_CHANGE = ("out_dir", "train.max_steps_this_run", "train.progress", "train.plot", "train.log_every", "train.threads",
                      "train.ckpt_every", "data.num_workers", "data.pairs", "data.bin_sets", "eval.")
 
 
@@ -789,7 +789,7 @@ class Run:
                              self.k_total, self.k_late, self.out, self.t_start, self.validate, self.world)
         if self.metrics_f is not None:
             self.metrics_f.close()
-            if (self.out / METRICS).stat().st_size:
+            if self.cfg["train"]["plot"] and (self.out / METRICS).stat().st_size:
                 plot_metrics(self.out / METRICS, self.out / "metrics.png")
         if self.world > 1:
             # Leave together: a rank that tears its process group down while rank 0 still evaluates the test

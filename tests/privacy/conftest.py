@@ -40,22 +40,27 @@ def synthetic(ids: int = 4, per_id: int = 4, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def smoke_judges(tmp_path_factory, orl_root) -> Path:
-    """A cache folder holding the smoke-budget judges of the ORL split (trained once per test session, about
-    15 s): CLI tests copy it into their --work so each does not retrain them."""
+    """A work folder holding what the CLI tests' ORL seed-0 runs would otherwise each build again: the
+    smoke-budget judges (``cache/``, about 15 s) and the attacker's face prior (``priors/``: the eigenfaces of
+    ~2,800 faces, an SVD of 10-30 s on one thread). Trained once per test session; ``work_with_judges`` copies
+    it into a test's own --work, so a test never shares files it writes."""
+    from training.privacy import inversion as INV
     from training.privacy.data import get_split
     from training.privacy.judge import load_judge
     from training.privacy.run import JUDGES
 
-    work = tmp_path_factory.mktemp("judges")
+    work = tmp_path_factory.mktemp("smoke_work")
     split = get_split("orl", 0)
     for _, kind in JUDGES:
         load_judge(split, kind, "smoke", 0, work, log=lambda *_: None)
-    return work / "cache"
+    INV.attack_prior(split, work=work, seed=0, steps=INV.budget_of("smoke")["vae_steps"])
+    return work
 
 
-def work_with_judges(tmp_path: Path, cache: Path) -> Path:
+def work_with_judges(tmp_path: Path, smoke_work: Path) -> Path:
+    """A fresh --work for one test, holding copies of ``smoke_judges``' judges and prior."""
     import shutil
 
     work = tmp_path / "work"
-    shutil.copytree(cache, work / "cache")
+    shutil.copytree(smoke_work, work)
     return work

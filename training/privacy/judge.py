@@ -51,10 +51,12 @@ DEFAULT_KIND = "cnn"
 
 # Budgets: "full" is what the evaluation uses, "smoke" the tests. Measured on one thread: cnn 3000 steps 9 min
 # idle, 18-25 min under load; cnn2 0.27 s per step idle (~13.5 min), 51 min on 2 cores shared by 5-9 jobs.
-CNN_BUDGETS = {"full": {"steps": 3000, "batch": 128}, "smoke": {"steps": 8, "batch": 32}}
+# A budget may also narrow the nets ("widths" replaces the kind's): the smoke judges only carry the tests' plumbing,
+# and at full width grading is most of a smoke run's time (every attacked image through 3 judges, mirrored).
+CNN_BUDGETS = {"full": {"steps": 3000, "batch": 128}, "smoke": {"steps": 8, "batch": 32, "widths": (4, 8, 16)}}
 CNN_HPARAMS = {"widths": (16, 32, 64), "crop": 48, "embedding": 128, "s": 30.0, "m": 0.35, "lr": 0.1, "wd": 5e-4,
                "min_images": 2, "max_per_id": 40}
-CNN2_BUDGETS = {"full": {"steps": 3000, "batch": 128}, "smoke": {"steps": 8, "batch": 32}}
+CNN2_BUDGETS = {"full": {"steps": 3000, "batch": 128}, "smoke": {"steps": 8, "batch": 32, "widths": (4, 8, 12, 24)}}
 CNN2_HPARAMS = {"widths": (16, 32, 48, 96), "crop": 52, "embedding": 128, "s": 32.0, "m": 0.3,
                 "lr": 3e-3, "wd": 0.05, "warmup": 0.05, "min_images": 2, "max_per_id": 40}
 LDA_BUDGETS = {"full": {"pca": 600, "max_images": 20000}, "smoke": {"pca": 60, "max_images": 600}}
@@ -543,6 +545,11 @@ def _budget(kind: str, budget) -> dict:
     return dict(table[budget]) if isinstance(budget, str) else dict(budget)
 
 
+def _net_hparams(kind: str, budget: dict) -> dict:
+    """The CNN kind's hyper-parameters with the budget's "widths", if it names any (the cache key covers both)."""
+    return {**SPECS[kind][0], **({"widths": tuple(budget["widths"])} if "widths" in budget else {})}
+
+
 def cache_path(pool, kind: str, budget="full", seed: int = 0, work: Path | str | None = None) -> Path:
     """Where the judge of this pool / kind / budget / seed is kept."""
     if kind not in KINDS:
@@ -579,7 +586,7 @@ def load_judge(split, kind: str = DEFAULT_KIND, budget="full", seed: int = 0, wo
             f"(read in {t1 - t0:.0f} s)")
         if kind in ("cnn", "cnn2"):
             train = train_cnn if kind == "cnn" else train_cnn2
-            model = train(imgs, labs, b["steps"], b["batch"], seed, log=log)
+            model = train(imgs, labs, b["steps"], b["batch"], seed, hp=_net_hparams(kind, b), log=log)
             state = {"net": model.state_dict()}
         else:
             model = train_lda(imgs, labs, b["pca"], log=log)
@@ -595,7 +602,7 @@ def load_judge(split, kind: str = DEFAULT_KIND, budget="full", seed: int = 0, wo
         log(f"[judge] {kind} judge trained in {info['train_s']:.0f} s -> {path}")
         ck = {"info": info, **state}
     if kind in ("cnn", "cnn2"):
-        hp = SPECS[kind][0]
+        hp = _net_hparams(kind, ck["info"]["budget"])
         net = (JudgeNet(tuple(hp["widths"]), hp["crop"], hp["embedding"]) if kind == "cnn" else
                JudgeNet2(tuple(hp["widths"]), hp["crop"], hp["embedding"]))
         net.load_state_dict(ck["net"])

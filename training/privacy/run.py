@@ -133,7 +133,7 @@ def target_config(split_name: str, label: str, dover: dict, seed: int, budget: d
         "data": {"size": size, "crop": None},
         "model": {"arch": "tiny", "embedding": 64, "width": 2.0},
         "defence": dover,
-        "train": {"steps": budget["fr_steps"], "progress": False, "eval_every": max(1, budget["fr_steps"] // 6),
+        "train": {"steps": budget["fr_steps"], "progress": False, "plot": False, "eval_every": max(1, budget["fr_steps"] // 6),
                   "log_every": max(1, budget["fr_steps"] // 6), "threads": 1, "batch_size": min(BATCH, train_faces)},
     }
     if policy:
@@ -414,7 +414,10 @@ def run(split_name: str = "orl", seed: int = 0, budget: str | dict = "full", out
     # PCA (160 eigenfaces) of the attacker's faces plus public LFW faces of people who are neither victims nor in
     # the judge pool (inversion.attack_prior): undefended S3 top-1 ORL 0.44 / LFW 0.45 against 0.33 / 0.41 with
     # the attacker's faces alone (5 / 3 seeds, the fixed-pool CNN judge; inversion.calibrate)
-    prior = INV.attack_prior(split, work=work, seed=seed, steps=ib["vae_steps"], log=log)  # steps: the VAE's, if it is the prior
+    # Fitted only for the scenarios that search it (S3 / S4): at 112x112 the eigenfaces of ~2,800 faces are an
+    # SVD of minutes on one thread, which a run of S1 / S2 / S5 alone must not pay.
+    prior = (INV.attack_prior(split, work=work, seed=seed, steps=ib["vae_steps"], log=log)  # steps: the VAE's, if it is the prior
+             if {"S3", "S4"} & set(scenarios) else None)
     targets = torch.arange(v)
     rows, images = [], {"original": to_float(vic.images[:SHOW]), "mi_real": [], "defences": {}}
     first_of = torch.stack([(vic.labels == t).nonzero()[0, 0] for t in range(min(SHOW, v))])
