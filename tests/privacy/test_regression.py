@@ -171,6 +171,24 @@ def test_cli_jobs_runs_seeds_in_worker_processes(orl_root, tmp_path, smoke_judge
     b = json.loads((serial / "orl_s1" / "run.json").read_text())["rows"][0]["scenarios"]["S1"]["per_victim"]
     assert a == b
 
+    # combining seeds run apart (report.combine: one table.json per seed) gives the report of the one command
+    from training.privacy import report
+
+    parts = []
+    for i, r in enumerate(t["runs"]):
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps({**t, "runs": [r]}))
+    assert report.main([str(tmp_path / "combined" / "orl"), str(parts[1]), str(parts[0])]) == 0
+    c = json.loads((tmp_path / "combined" / "orl" / "table.json").read_text())
+    assert c["aggregate"] == t["aggregate"] and [r["info"]["seed"] for r in c["runs"]] == [0, 1]
+    assert (tmp_path / "combined" / "orl" / "frontier.png").stat().st_size > 0
+    # the same seed twice, or a run of another request, is refused with exit 2, naming the file
+    assert report.main([str(tmp_path / "c2"), str(parts[0]), str(parts[0])]) == 2
+    other = json.loads(parts[1].read_text())
+    other["runs"][0]["info"]["budget"] = {**other["runs"][0]["info"]["budget"], "fr_steps": 999}
+    parts[1].write_text(json.dumps(other))
+    assert report.main([str(tmp_path / "c3"), str(parts[0]), str(parts[1])]) == 2
+
 
 def test_cli_size_112_runs_at_that_geometry_and_is_judged_at_56(orl_root, tmp_path, smoke_judges):
     """--size 112 (the training layer's geometry): the target trains on 112x112 faces, its runs and report

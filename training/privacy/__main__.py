@@ -207,23 +207,7 @@ def main(argv=None) -> int:
             return 2
         wall = sum(r["info"]["wall_s"] for r in runs)
         t_all += wall
-        agg = report.aggregate(runs)
-        cl = report.claim(runs)
-        # the machine as the first run saw it (load average at its start); runs written before that field: now
-        run_mach = runs[0]["info"].get("machine", mach)
-        judges = {n: {**j, "rank1": report._ms([r["info"]["judges"][n]["rank1"] for r in runs])}
-                  for n, j in runs[0]["info"].get("judges", {}).items()}
-        info = {"split_name": tag, "victims": runs[0]["info"].get("victims", len(runs[0]["info"]["split"]["victims"])),
-                "seeds": [r["info"]["seed"] for r in runs], "machine": run_mach, "wall_s": wall, "judges": judges, "budget": runs[0]["info"]["budget"],
-                "split": runs[0]["info"]["split"]}
-        md = report.markdown(agg, info, cl)
-        d = out / tag
-        d.mkdir(exist_ok=True)
-        (d / "table.md").write_text(md)
-        (d / "table.json").write_text(json.dumps({"info": info, "command": command, "aggregate": agg, "claim": cl,
-                                                  "runs": [{k: v for k, v in r.items() if k != "images"} for r in runs]}, indent=1, default=str))
-        report.frontier_plot(agg, d / "frontier.png", f"{tag.upper()}: FR accuracy vs worst-case identity leak (seeds {info['seeds']})")
-        report.image_grid(runs[0]["images"], d / "grid.png")
+        md, agg, cl = report.write_set(out / tag, tag, runs, command, mach)
         sections.append((tag, md))
         summary["sets"][tag] = {"wall_s": wall, "claim": cl["verdict"], "judge_agreement": report.judge_agreement(agg)}
         print(md)

@@ -1,9 +1,14 @@
 """The report: aggregate per-seed runs into a table (markdown + JSON), the frontier plot, the image grid
 and an HTML page tying them together; and the test of the claim "adaptive gives more privacy than every
-fixed k at equal accuracy"."""
+fixed k at equal accuracy".
+
+``python -m training.privacy.report OUT TABLE.json [TABLE.json ...]`` combines one set's seeds run apart
+(other sessions, machines or --work folders: each table.json holds its runs' per-victim numbers) into one
+report, as if one command had run them (``combine``)."""
 from __future__ import annotations
 
 import html
+import json
 import math
 import statistics
 from pathlib import Path
@@ -332,3 +337,80 @@ td,th{{border:1px solid #bbb;padding:3px 5px;text-align:right}} th{{background:#
 {"".join(body)}
 <h2>Threat model, metrics and scores</h2><pre>{html.escape(threat_model)}</pre>
 </body></html>"""
+
+
+def write_set(d: Path, tag: str, runs: list[dict], command, machine: dict | None = None) -> tuple[str, list[dict], dict]:
+    """One set's report files in ``d``: table.md, table.json (the aggregate, the claim and every run without its
+    images), frontier.png, and grid.png when the first run carries its images. Returns (markdown, aggregate, claim)."""
+    agg, cl = aggregate(runs), claim(runs)
+    # the machine as the first run saw it (load average at its start); runs written before that field: ``machine``
+    judges = {n: {**j, "rank1": _ms([r["info"]["judges"][n]["rank1"] for r in runs])}
+              for n, j in runs[0]["info"].get("judges", {}).items()}
+    info = {"split_name": tag, "victims": runs[0]["info"].get("victims", len(runs[0]["info"]["split"]["victims"])),
+            "seeds": [r["info"]["seed"] for r in runs], "machine": runs[0]["info"].get("machine", machine),
+            "wall_s": sum(r["info"]["wall_s"] for r in runs), "judges": judges, "budget": runs[0]["info"]["budget"],
+            "split": runs[0]["info"]["split"]}
+    md = markdown(agg, info, cl)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "table.md").write_text(md)
+    (d / "table.json").write_text(json.dumps({"info": info, "command": command, "aggregate": agg, "claim": cl,
+                                              "runs": [{k: v for k, v in r.items() if k != "images"} for r in runs]},
+                                             indent=1, default=str))
+    frontier_plot(agg, d / "frontier.png", f"{tag.upper()}: FR accuracy vs worst-case identity leak (seeds {info['seeds']})")
+    if "images" in runs[0]:
+        image_grid(runs[0]["images"], d / "grid.png")
+    return md, agg, cl
+
+
+def _request(run: dict) -> dict:
+    """What a run answered: its set, face size, defences (with their settings), scenarios, budget and judges."""
+    i = run["info"]
+    return {"set": i["split"].get("set"), "size": i.get("size", 56), "scenarios": list(i.get("scenarios", SCEN)),
+            "budget": i["budget"], "defences": [(r["defence"], r.get("config")) for r in run["rows"]],
+            "judges": {n: (j.get("kind"), j.get("pool")) for n, j in i.get("judges", {}).items()}}
+
+
+def combine(tables, out: Path) -> tuple[str, list[dict], dict]:
+    """One report (``write_set`` into ``out``) from the runs of several table.json files of the same set, each
+    seed once, all answering the same request (``_request``); a ValueError naming the file otherwise. No
+    grid.png: table.json does not keep the images."""
+    runs, sources = [], []
+    for path in tables:
+        t = json.loads(Path(path).read_text())
+        if not t.get("runs"):
+            raise ValueError(f"{path}: no runs in this table.json")
+        for r in t["runs"]:
+            if _request(r) != _request((runs or [r])[0]):
+                raise ValueError(f"{path}: seed {r['info']['seed']} answers another request than {sources[0][0]} "
+                                 f"(set, size, defences, scenarios, budget or judges differ): not combined")
+            if any(r["info"]["seed"] == x["info"]["seed"] for x in runs):
+                raise ValueError(f"{path}: seed {r['info']['seed']} is already in {sources[[x['info']['seed'] for x in runs].index(r['info']['seed'])][0]}")
+            runs.append(r)
+            sources.append((str(path), t.get("command")))
+    order = sorted(range(len(runs)), key=lambda i: runs[i]["info"]["seed"])
+    runs = [runs[i] for i in order]
+    tag = Path(out).name
+    command = {"combined": [{"table": src, "seed": runs[j]["info"]["seed"], "command": cmd}
+                            for j, (src, cmd) in enumerate(sources[i] for i in order)]}
+    return write_set(Path(out), tag, runs, command)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m training.privacy.report", description=combine.__doc__)
+    ap.add_argument("out", type=Path, help="the combined report's folder (its name is the set's tag, e.g. lfw)")
+    ap.add_argument("tables", type=Path, nargs="+", help="table.json files of one set")
+    a = ap.parse_args(argv)
+    try:
+        md, _, _ = combine(a.tables, a.out)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"[privacy report] {e}", file=sys.stderr)
+        return 2
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
