@@ -23,7 +23,8 @@
 // harness linking each object (fp32, 64 images 3x112x112, k = 6, 1 thread, Xeon): freq_mix_image forward
 // 1.06x (median of 22 alternating rounds, 1.01-1.13) the command-line build. torch's Half conversions also
 // lose F16C here (__F16C__ is undefined when the headers are parsed): fp16 / bf16 kernels only. Closing the
-// gap needs the ISA on the command line AND a guarantee that the linker keeps the baseline copy of every
+// gap needs the ISA on the command line (the same pragma opened above the headers does not match it: 5% more
+// instructions in mix.cpp's AVX2 copy, still no F16C) AND a guarantee that the linker keeps the baseline copy of every
 // header function (link order, or localising the wide objects' COMDAT symbols): not done, SIGILL-safety first.
 #pragma once
 
