@@ -318,16 +318,17 @@ def html_page(sections: list[tuple[str, str, dict]], info: dict, threat_model: s
         return "\n".join(out)
 
     body = []
-    for name, md, files in sections:
-        body.append(f"""<h2>{html.escape(name.upper())}</h2>{md_table(md)}
-<h3>Frontier: FR accuracy vs identity leak</h3><img src="{files['frontier']}">
-<h3>Originals, protected representations and attacks</h3>
+    grid_note = """<h3>Originals, protected representations and attacks</h3>
 <p>Per defence, twice: the S1 target (for mixing defences the dominant partner of the mix), the protected
 representation shown through the attacker's pseudo-inverse (fastmix.frontend_inverse, contrast-stretched), the S1 and S2 U-Net reconstructions,
 a victim training face and what the S5 stream attack recovered for it; then a real face of victim identity 0 and the S3 (white-box) and S4
-(black-box) model inversions for that identity.</p>
-<img src="{files['grid']}">
-<p>Raw numbers: <a href="{files['json']}">{files['json']}</a>, table: <a href="{files['md']}">{files['md']}</a>.</p>""")
+(black-box) model inversions for that identity.</p>"""
+    for name, md, files in sections:
+        # no grid for a report combined from table.json files (they do not keep the images)
+        grid = f"""{grid_note}\n<img src="{files['grid']}">\n""" if "grid" in files else ""
+        body.append(f"""<h2>{html.escape(name.upper())}</h2>{md_table(md)}
+<h3>Frontier: FR accuracy vs identity leak</h3><img src="{files['frontier']}">
+{grid}<p>Raw numbers: <a href="{files['json']}">{files['json']}</a>, table: <a href="{files['md']}">{files['md']}</a>.</p>""")
     sets = ", ".join(n.upper() for n, _, _ in sections)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>fastmix privacy report</title>
 <style>body{{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}} table{{border-collapse:collapse;font-size:12px}}
@@ -409,6 +410,20 @@ def main(argv=None) -> int:
         print(f"[privacy report] {e}", file=sys.stderr)
         return 2
     print(md)
+    # the page beside it: every set folder there (this one and any other set's table), as the command writes it
+    root = Path(a.out).parent
+    sections, wall, mach = [], 0.0, None
+    for d in sorted(x for x in root.iterdir() if (x / "table.md").is_file() and (x / "table.json").is_file()):
+        t = json.loads((d / "table.json").read_text())
+        wall += t["info"].get("wall_s", 0.0)
+        mach = mach or t["info"].get("machine")
+        files = {"frontier": f"{d.name}/frontier.png", "json": f"{d.name}/table.json", "md": f"{d.name}/table.md"}
+        if (d / "grid.png").is_file():
+            files["grid"] = f"{d.name}/grid.png"
+        sections.append((d.name, (d / "table.md").read_text(), files))
+    command = "python -m training.privacy.report " + " ".join(sys.argv[1:] if argv is None else argv)
+    tm = (Path(__file__).parent / "THREAT_MODEL.md").read_text()
+    (root / "report.html").write_text(html_page(sections, {"command": command, "machine": mach, "wall_s": wall}, tm))
     return 0
 
 
