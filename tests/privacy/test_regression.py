@@ -281,3 +281,20 @@ def test_cli_on_a_users_image_folder(orl_root, tmp_path):
     small = _folder_of_orl(orl_root, tmp_path / "tiny", 2, "PNG")
     assert main(["--budget", "smoke", "--sets", f"folder:{small}", "--seeds", "0", "--out", str(out),
                  "--work", str(tmp_path / "work")]) == 2
+
+
+def test_report_combine_refuses_files_that_are_not_tables(tmp_path, capsys):
+    """python -m training.privacy.report on a file that is not a report's table.json (another JSON, a missing
+    file): exit 2 with one line naming the file, not a traceback."""
+    import json
+
+    from training.privacy import report
+
+    (tmp_path / "runs.json").write_text(json.dumps({"runs": [{"rows": []}]}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for name, msg in (("runs.json", "not a privacy report's table.json"), ("list.json", "no runs in this file"),
+                      ("missing.json", "No such file")):
+        assert report.main([str(tmp_path / "out" / "orl"), str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert name in err and msg in err, err
+    assert not (tmp_path / "out").exists()

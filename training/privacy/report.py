@@ -373,14 +373,19 @@ def _request(run: dict) -> dict:
 
 def combine(tables, out: Path) -> tuple[str, list[dict], dict]:
     """One report (``write_set`` into ``out``) from the runs of several table.json files of the same set, each
-    seed once, all answering the same request (``_request``); a ValueError naming the file otherwise. No
-    grid.png: table.json does not keep the images."""
+    seed once, all answering the same request (``_request``); a ValueError naming the file otherwise. No new
+    grid.png: table.json does not keep the images (one already in ``out``, of an earlier report, is left there)."""
     runs, sources = [], []
     for path in tables:
         t = json.loads(Path(path).read_text())
-        if not t.get("runs"):
-            raise ValueError(f"{path}: no runs in this table.json")
+        if not isinstance(t, dict) or not t.get("runs"):
+            raise ValueError(f"{path}: no runs in this file (expected a privacy report's <set>/table.json)")
         for r in t["runs"]:
+            try:
+                _request(r)
+            except (KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}: a run without its info / rows ({type(e).__name__}: {e}): not a privacy "
+                                 f"report's table.json") from None
             if _request(r) != _request((runs or [r])[0]):
                 raise ValueError(f"{path}: seed {r['info']['seed']} answers another request than {sources[0][0]} "
                                  f"(set, size, defences, scenarios, budget or judges differ): not combined")
