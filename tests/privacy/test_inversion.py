@@ -259,3 +259,26 @@ def test_public_faces_are_no_victim_and_not_in_the_judge_pool(orl_root):
         assert not names & set(split.info["attackers"])  # the attacker's own faces are not counted twice
         assert faces.dtype == torch.uint8 and len(faces) == len(split.attacker.images) + info["lfw_images"]
         torch.testing.assert_close(faces[: len(split.attacker.images)], split.attacker.images)
+
+
+def test_students_learn_the_target_from_attacker_faces_only(world):
+    """LOMMA's model augmentation (distill_students): a student fitted to the target's cosines on the attacker's
+    faces (no victim) agrees with the target on the victims' faces, and S3 searches the target with it."""
+    m = world["model"]
+    q = m.queries
+    st = I.distill_students(m, world["attacker"], n=1, steps=60, batch=32, width=8)
+    assert m.queries == q  # distillation is the attacker's own use of the weights, not counted as S3's queries
+    with torch.no_grad():
+        agree = float((st[0](world["xv"]).argmax(1) == m(world["xv"]).argmax(1)).float().mean())
+    assert agree >= 0.5, agree  # chance: 1 / 8
+    inv = I.invert_white_box(m, torch.tensor([0, 5]), I.face_prior("pca", world["attacker"], dims=12), steps=2,
+                             candidates=2, init_pool=4, students=st)
+    assert inv.images.shape == (2, 1, 56, 56) and torch.isfinite(inv.images).all()
+
+
+def test_augment_noise_and_blur_change_the_views_and_default_to_none():
+    x = torch.rand(4, 1, 56, 56) * 2 - 1
+    a = I.augment(x, torch.Generator().manual_seed(0), noise=0.0, blur=1.5)
+    b = I.augment(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and a.std() < b.std()  # the blur smooths the random texture
+    assert not torch.equal(I.augment(x, torch.Generator().manual_seed(0), noise=0.1), b)

@@ -38,6 +38,21 @@ What limits S3 (measured, ORL seed 0, PCA prior): inverting the *judge itself* t
 judge top-1 1.00, so the prior can express every victim; inverting the target reaches the target's own top-1
 1.00 but judge top-1 0.15-0.50 per ORL seed, and the judge's faces of a victim get only 0.50 from the target. The gap
 is what the small target and the judge see differently (its features on 6 faces per victim), not the prior.
+
+What does not close the gap (2026-12-06; ORL seeds 0-4, undefended targets, cnn2 judge, mean judge top-1 / top-5;
+per-seed numbers in results/inversion/orl_s3_variants.json; 20 victims a seed, so 0.05 is one victim a seed and
+differences under ~0.07 are noise). The default S3 (PCA 160, 40 steps, 16 candidates, mean of the 4 best):
+0.42 / 0.82. Budget: 0 / 10 / 20 / 40 / 120 steps 0.16 / 0.35 / 0.39 / 0.42 / 0.33 (more steps push the target's
+cosine past its real faces', 0.90 against a median 0.70 on victim test faces, and lose the judge); 64 candidates,
+mean of 8 (4x cost) 0.40; mean of all 16 0.38; 16 selection views 0.40; lr 0.03 0.37. Regularisers and views:
+Gaussian log-prior penalty 0.5 0.40; 80 eigenfaces 0.37; zoom + contrast 0.15 0.39 / 0.84; pixel noise 0.15
+0.40; random blur 0.37; capping the cosine at 0.6 0.29. Initialisation from 2,800 encoded public faces 0.41.
+Poincare loss 0.46 / 0.75. LOMMA's model augmentation (``distill_students``: 2 students, 300 steps, ~50 s)
+0.42 / 0.77 (loss only: 0.40). The attacker's own LBP-LDA recogniser re-ranking the candidates (``aux``)
+0.47 / 0.76 at weight 1, 0.36 / 0.79 at 10. The mean image of all twelve variants' inversions 0.43 / 0.84.
+VAE prior 0.43 / 0.88 (S4 beats it on seeds 1 and 2), with ``aux`` 0.43 / 0.87, with 2 students 0.38 / 0.85. Per victim, the judge's hit
+rate over the twelve PCA variants is spread over 0-1 (many victims hit by some variants only): the target
+pins the identity loosely, and nothing the attacker can measure without a victim face tells the hits apart.
 """
 from __future__ import annotations
 
@@ -108,7 +123,7 @@ def identity_loss(model, x: torch.Tensor, targets: torch.Tensor, loss: str = "co
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 3, scale: float = 0.05, rotate: float = 5.0,
-            contrast: float = 0.0, zoom: float = 0.0) -> torch.Tensor:
+            contrast: float = 0.0, zoom: float = 0.0, noise: float = 0.0, blur: float = 0.0) -> torch.Tensor:
     """PPA's augmented views, per image of (N, C, S, S): random horizontal flip and a random similarity
     transform (translation +-``shift`` pixels, scale 1 +- ``scale``, rotation +-``rotate`` degrees; borders
     replicated). A candidate that only fools the model at one exact placement is an adversarial pattern, not
@@ -131,7 +146,132 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 3, scale: 
     if contrast > 0:  # contrast 1 +- c and brightness +- c: identity does not live in the exposure
         u = torch.rand(n, 2, 1, 1, 1, generator=generator) * 2 - 1
         x = (x * (1 + contrast * u[:, 0]) + contrast * u[:, 1]).clamp(-1, 1)
+    if blur > 0:  # a random Gaussian blur of sd 0 .. blur pixels (per image): fine patterns do not survive it
+        sd = (blur * torch.rand(n, generator=generator)).clamp_min(1e-3)
+        r = torch.arange(-3, 4, dtype=x.dtype)
+        k = torch.exp(-r.view(1, -1) ** 2 / (2 * sd.view(-1, 1) ** 2))
+        k = k / k.sum(1, keepdim=True)  # (n, 7)
+        c = x.shape[1]
+        xb = F.pad(x.reshape(1, n * c, s, s), (3, 3, 3, 3), mode="replicate")
+        kk = k.repeat_interleave(c, 0)
+        xb = F.conv2d(xb, kk.view(n * c, 1, 1, 7), groups=n * c)
+        x = F.conv2d(xb, kk.view(n * c, 1, 7, 1), groups=n * c).view(n, c, s, s)
+    if noise > 0:  # Gaussian pixel noise of sd ``noise`` (randomised smoothing's view)
+        x = x + noise * torch.randn(x.shape, generator=generator)
     return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model augmentation (LOMMA; Nguyen et al., "Re-thinking Model Inversion Attacks Against Deep Neural Networks",
+# CVPR 2023): attacker-side students distilled from the target on public faces only
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Head:
+    def __init__(self, s: float):
+        self.s = float(s)
+
+
+class Student(nn.Module):
+    """An attacker-side surrogate of the target: a small plain CNN (another architecture than the target's
+    IResNet) -> ``embedding`` -> cosine head over the target's classes, scaled by the target's s, so
+    ``student(x)`` are logits like ``DefendedModel``'s (``target_cosine`` and ``identity_loss`` take it).
+    Trained by ``distill_students`` on public faces to reproduce the target's cosines; it never sees a victim."""
+
+    def __init__(self, classes: int, s: float, width: int = 16, embedding: int = 64, channels: int = 1):
+        super().__init__()
+        w = int(width)
+
+        def cbr(i, o, stride):
+            return [nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+        self.net = nn.Sequential(*cbr(channels, w, 2), *cbr(w, 2 * w, 2), *cbr(2 * w, 2 * w, 1), *cbr(2 * w, 4 * w, 2),
+                                 *cbr(4 * w, 4 * w, 1), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * w, embedding))
+        self.weight = nn.Parameter(torch.randn(classes, embedding) * 0.1)
+        self.head = _Head(s)
+        self.queries = 0
+
+    def cosine(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(self.net(x)), F.normalize(self.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.s * self.cosine(x)
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.forward(x), 1)
+
+
+def distill_students(model, faces_u8: torch.Tensor, n: int = 2, steps: int = 300, batch: int = 64, lr: float = 3e-3,
+                     width: int = 16, seed: int = 0, log=None) -> list:
+    """LOMMA's model augmentation at CPU size: ``n`` ``Student`` s (widths ``width`` x 1, 1.5, ...; seeds apart)
+    fitted to the target's cosines on augmented public faces (``faces_u8`` (N, C, S, S) uint8: the attacker's
+    own and public faces, never a victim): MSE between the student's and the target's cosine vectors (logit
+    matching), ``steps`` Adam steps of ``batch`` with a cosine-decayed rate, the target's cosines of each batch
+    computed on the fly (white-box: the attacker runs the model freely, uncounted as S3 queries; no victim data).
+    Inverting the target together with the students keeps what they share (the identity the target learned)
+    and averages out what only the target's exact weights respond to (LOMMA's "MI overfitting")."""
+    x_all = to_float(faces_u8)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    classes = int(model.head.weight.shape[0]) if hasattr(model.head, "weight") else None
+    with torch.no_grad():
+        classes = classes or int(model(x_all[:1]).shape[1])
+    out = []
+    for i in range(int(n)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 100 + i)
+            st = Student(classes, model.head.s, width=int(round(width * (1 + 0.5 * i))), channels=x_all.shape[1])
+        opt = torch.optim.Adam(st.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+        st.train()
+        t0 = time.time()
+        for k in range(int(steps)):
+            xb = augment(x_all[torch.randint(len(x_all), (batch,), generator=g)], g, contrast=0.1)
+            with torch.no_grad():
+                q = getattr(model, "queries", None)
+                tc = target_cosine(model, xb)
+                if q is not None:
+                    model.queries = q
+            loss = F.mse_loss(st.cosine(xb), tc) * classes
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        st.eval()
+        for p in st.parameters():
+            p.requires_grad_(False)
+        st.info = {"steps": steps, "final_mse": float(loss.detach()) / classes, "fit_s": round(time.time() - t0, 1)}
+        if log is not None:
+            log(f"    student {i} distilled: cosine mse {st.info['final_mse']:.4f} in {st.info['fit_s']} s")
+        out.append(st)
+    return out
+
+
+def attacker_face_model(faces_u8: torch.Tensor, labels: torch.Tensor, pca: int = 300):
+    """The attacker's own face recogniser: LBP + PCA + Fisher LDA (``judge.train_lda``, the recipe of the
+    ``lda`` judge kind) fitted on its own and the public faces with their person labels (``public_faces(...,
+    labels=True)``: no victim, nobody of the judge's pool). Returns ``embed(x) -> (N, E)`` normalised, for
+    ``invert_white_box(..., aux=)``: an independent view of who a candidate shows. Seconds on one thread."""
+    from .judge import train_lda
+
+    return train_lda(faces_u8, labels, pca)
+
+
+@torch.no_grad()
+def _aux_scores(aux, x: torch.Tensor, t: int, k: int, generator: torch.Generator, views: int = 2) -> torch.Tensor:
+    """(T * K,) distinctiveness of each candidate in the attacker's own face model: cosine to its target's
+    centroid (the normalised mean embedding of that target's K candidates) minus the best cosine to another
+    target's centroid. What a target's candidates agree on in an independent recogniser, and what sets them
+    apart from the other targets' candidates, is the identity; a candidate that looks like another target's
+    (a "hub") or like nobody scores low."""
+    e = sum(F.normalize(aux(augment(x, generator, scale=0.0, rotate=0.0, shift=1)).float(), dim=1) for _ in range(views))
+    e = F.normalize(e, dim=1)
+    c = F.normalize(e.view(t, k, -1).mean(1), dim=1)  # (T, E)
+    sim = e @ c.t()  # (TK, T)
+    own_t = torch.arange(t).repeat_interleave(k)
+    own = sim.gather(1, own_t.view(-1, 1)).squeeze(1)
+    other = sim.scatter(1, own_t.view(-1, 1), float("-inf")).max(1).values if t > 1 else torch.zeros_like(own)
+    return own - other
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,7 +331,7 @@ def log_margin(p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _select(model, prior, z: torch.Tensor, targets: torch.Tensor, views: int, generator: torch.Generator, black_box: bool,
-            average: int = 1):
+            average: int = 1, others=(), aux=None, aux_weight: float = 1.0):
     """PPA's final selection: keep the candidate the target model is most sure of over ``views`` augmented views,
     by the mean log margin (``log_margin``; PPA's mean probability saturates at 1 under a scaled cosine head).
     z (T, K, D) -> (images (T, C, S, S), latents (T, D), confidence (T,) mean p_t of the kept one, queries used)."""
@@ -203,7 +343,15 @@ def _select(model, prior, z: torch.Tensor, targets: torch.Tensor, views: int, ge
         p = model.scores(augment(x, generator)) if black_box else torch.softmax(model(augment(x, generator)), 1)
         conf += p.gather(1, tk.view(-1, 1)).squeeze(1) / views
         margin += log_margin(p, tk) / views
+        for o in others:  # attacker-side students (white-box only): the candidate must convince them too
+            xa = augment(x, generator)
+            margin += log_margin(torch.softmax(o(xa), 1), tk) / views
     rows = torch.arange(t)
+    if aux is not None:  # rank by the attacker's own recogniser's distinctiveness (z-scored per target), plus the margin's
+        a = _aux_scores(aux, x, t, k, generator).view(t, k)
+        mm = margin.view(t, k)
+        zs = lambda v: (v - v.mean(1, keepdim=True)) / (v.std(1, keepdim=True) + 1e-8)  # noqa: E731
+        margin = (aux_weight * zs(a) + zs(mm)).view(-1) if k > 1 else margin
     if average > 1:  # the mean latent of the ``average`` best candidates (identity they share, quirks they do not)
         top = margin.view(t, k).topk(min(average, k), 1).indices
         zb = z[rows.view(-1, 1), top].mean(1)
@@ -216,7 +364,9 @@ def _select(model, prior, z: torch.Tensor, targets: torch.Tensor, views: int, ge
 def invert_white_box(model, targets: torch.Tensor, prior, *, steps: int = 60, candidates: int = 8, lr: float = 0.1,
                      loss: str = "cosine", init_pool: int = 64, views: int = 4, augmented: bool = True, shift: int = 3, average: int = 4, seed: int = 0,
                      scale: float = 0.05, rotate: float = 5.0, contrast: float = 0.0, zoom: float = 0.0, penalty: float = 0.0,
-                     pool_latents: torch.Tensor | None = None, **_) -> Inversion:
+                     pool_latents: torch.Tensor | None = None, students=(), student_weight: float = 1.0,
+                     select_students: bool = True, select_views: int | None = None, noise: float = 0.0, blur: float = 0.0,
+                     cap: float | None = None, aux=None, aux_weight: float = 1.0, **_) -> Inversion:
     """S3, white-box: GMI / PPA latent search with gradients through the whole deployed model.
 
     model: ``attacks.DefendedModel`` (defence test-time encoding via fastmix -> backbone -> head; needs
@@ -229,6 +379,13 @@ def invert_white_box(model, targets: torch.Tensor, prior, *, steps: int = 60, ca
     augmentation's ranges (``augment``); ``penalty``: weight of the mean squared latent (a Mahalanobis pull to
     the prior's mode; 0.05 measured no better than 0 on ORL); ``pool_latents`` (P, D): latents added to the
     initial pool (e.g. ``prior.encode`` of the public faces).
+    Options measured without gain (``noise`` / ``blur``: ``augment``'s pixel noise and random blur in the
+    views; ``cap``: stop pushing a view once its target cosine exceeds it; ``students``: LOMMA's model
+    augmentation, ``distill_students``' surrogates added to the loss with ``student_weight`` and, with
+    ``select_students``, to the selection's margin; ``aux``: the attacker's own recogniser
+    (``attacker_face_model``) re-ranks the candidates by distinctiveness, ``_aux_scores``, z-scored and added
+    to the target's z-scored margin with ``aux_weight``; ``select_views``: views of the final selection): see
+    the module docstring's table.
     Returns an ``Inversion`` (images (T, C, S, S))."""
     _check(model, targets, prior)
     t0, q0 = time.time(), getattr(model, "queries", 0)
@@ -243,15 +400,20 @@ def invert_white_box(model, targets: torch.Tensor, prior, *, steps: int = 60, ca
     curve = []
     for _ in range(steps):
         x = prior.decode(z)
-        x = augment(x, g, shift, scale, rotate, contrast, zoom) if augmented else x
+        x = augment(x, g, shift, scale, rotate, contrast, zoom, noise, blur) if augmented else x
         li = identity_loss(model, x, tk, loss)
+        total = li.sum() if cap is None else li.clamp_min(-cap).sum()
+        for st in students:
+            total = total + student_weight * identity_loss(st, x, tk, loss).sum()
         opt.zero_grad(set_to_none=True)
-        (li.sum() + penalty * z.pow(2).mean(1).sum()).backward()
+        (total + penalty * z.pow(2).mean(1).sum()).backward()
         opt.step()
         with torch.no_grad():
             z.clamp_(-prior.bound, prior.bound)
         curve.append(float(-li.detach().mean()) if loss == "cosine" else float(li.detach().mean()))
-    images, zb, conf, _ = _select(model, prior, z.detach().view(t, k, -1), targets, views, g, black_box=False, average=average)
+    images, zb, conf, _ = _select(model, prior, z.detach().view(t, k, -1), targets, select_views or views, g, black_box=False,
+                                  average=average, others=tuple(students) if select_students else (), aux=aux,
+                                  aux_weight=aux_weight)
     return Inversion(images, zb, targets, conf, getattr(model, "queries", 0) - q0, time.time() - t0, curve)
 
 

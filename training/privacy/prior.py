@@ -188,7 +188,7 @@ class VAEPrior(nn.Module):
 PUBLIC_LFW_SEEDS = range(5)  # data.JUDGE_SEEDS: the LFW people these seeds draw as attackers are in no judge pool
 
 
-def public_faces(split, lfw_root: Path | str | None = None, log=None) -> tuple[torch.Tensor, dict]:
+def public_faces(split, lfw_root: Path | str | None = None, log=None, labels: bool = False):
     """The faces the attacker's prior learns from: its own (``split.attacker``) plus public web faces of other
     people: the LFW people that LFW seeds 0-4 draw as *attackers* (people with < 10 images; 2,578 images of
     1,629 people at 56x56). Returns ((N, 1, S, S) uint8, info: counts, and "names" the LFW people added).
@@ -200,14 +200,17 @@ def public_faces(split, lfw_root: Path | str | None = None, log=None) -> tuple[t
     (``data.lfw_judge_pool_fixed`` leaves out exactly these people), which is checked here by name: a person
     who is a victim of ``split`` or in its judge pool is dropped. Without LFW the attacker keeps its own faces.
     Measured (ORL seeds 0-2, S3, lfw_all cnn judge top-1): own faces, 80 eigenfaces 0.25 / 0.30 / 0.15; own + LFW
-    public, 160 eigenfaces 0.40 / 0.40 / 0.45."""
+    public, 160 eigenfaces 0.40 / 0.40 / 0.45. ``labels=True``: (faces, (N,) int64 person ids 0.. over both
+    parts, info), what an attacker-side face model (``inversion.attacker_face_model``) trains on."""
     from training.data import CachedFaces, data_root, scan_image_folder
     from .data import LFW_CROP, _lfw_draw
 
     own = split.attacker.images
     root = Path(lfw_root) if lfw_root else data_root() / "lfw"
+    own_y = torch.unique(split.attacker.labels, return_inverse=True)[1] if labels else None
     if not root.is_dir():
-        return own, {"public": "attacker only (no LFW at %s)" % root, "images": len(own), "lfw_images": 0}
+        info = {"public": "attacker only (no LFW at %s)" % root, "images": len(own), "lfw_images": 0}
+        return (own, own_y, info) if labels else (own, info)
     people = scan_image_folder(root)
     names: dict[str, list[str]] = {}
     for s in PUBLIC_LFW_SEEDS:
@@ -217,17 +220,20 @@ def public_faces(split, lfw_root: Path | str | None = None, log=None) -> tuple[t
     if split.judge is not None:
         banned |= set(split.judge.identities)
     keep = sorted(n for n in names if n not in banned)
-    files, labels = [], []
+    files, labels_lfw = [], []
     for y, n in enumerate(keep):
         files += names[n]
-        labels += [y] * len(names[n])
+        labels_lfw += [y] * len(names[n])
     size = int(own.shape[-1])
-    lfw = CachedFaces.from_files(files, labels, "grey", size, LFW_CROP).images if files else own[:0]
+    lfw = CachedFaces.from_files(files, labels_lfw, "grey", size, LFW_CROP).images if files else own[:0]
     info = {"public": f"attacker's own + LFW attackers of seeds {min(PUBLIC_LFW_SEEDS)}-{max(PUBLIC_LFW_SEEDS)}",
             "images": len(own) + len(lfw), "lfw_images": len(lfw), "lfw_people": len(keep),
             "dropped_people": len(names) - len(keep), "names": keep}
     if log is not None:
         log(f"    prior faces: {len(own)} own + {len(lfw)} public LFW faces of {len(keep)} other people")
+    if labels:
+        ys = torch.cat([own_y, torch.tensor(labels_lfw, dtype=torch.int64) + (int(own_y.max()) + 1 if len(own_y) else 0)])
+        return torch.cat([own, lfw]), ys, info
     return torch.cat([own, lfw]), info
 
 
