@@ -46,6 +46,15 @@ def test_short_run(tmp_path, tiny, name, over):
     assert t["task"] == "identification" and 0 <= t["accuracy"] <= 1
 
 
+def test_plot_off_writes_the_metrics_but_no_png(tmp_path, tiny):
+    """train.plot false (the privacy evaluation's many small targets): metrics.jsonl as always, no metrics.png."""
+    cfg = tiny(tmp_path, **{"defence.name": "none", "train.plot": False})
+    cfg["train"]["steps"] = 2
+    train(cfg, resume=False)
+    assert (tmp_path / "metrics.jsonl").stat().st_size > 0 and (tmp_path / "results.json").exists()
+    assert not (tmp_path / "metrics.png").exists()
+
+
 def _defence(name, c=1, **d):
     from training.config import load_config
 
