@@ -225,14 +225,17 @@ def public_faces(split, lfw_root: Path | str | None = None, log=None, labels: bo
         files += names[n]
         labels_lfw += [y] * len(names[n])
     size = int(own.shape[-1])
-    lfw = CachedFaces.from_files(files, labels_lfw, "grey", size, LFW_CROP).images if files else own[:0]
+    # the decoded faces' own labels: from_files skips an unreadable file (and relabels a person left with none)
+    cached = CachedFaces.from_files(files, labels_lfw, "grey", size, LFW_CROP) if files else None
+    lfw = cached.images if cached is not None else own[:0]
     info = {"public": f"attacker's own + LFW attackers of seeds {min(PUBLIC_LFW_SEEDS)}-{max(PUBLIC_LFW_SEEDS)}",
             "images": len(own) + len(lfw), "lfw_images": len(lfw), "lfw_people": len(keep),
             "dropped_people": len(names) - len(keep), "names": keep}
     if log is not None:
         log(f"    prior faces: {len(own)} own + {len(lfw)} public LFW faces of {len(keep)} other people")
     if labels:
-        ys = torch.cat([own_y, torch.tensor(labels_lfw, dtype=torch.int64) + (int(own_y.max()) + 1 if len(own_y) else 0)])
+        lfw_y = cached.labels.to(torch.int64) if cached is not None else torch.zeros(0, dtype=torch.int64)
+        ys = torch.cat([own_y, lfw_y + (int(own_y.max()) + 1 if len(own_y) else 0)])
         return torch.cat([own, lfw]), ys, info
     return torch.cat([own, lfw]), info
 
