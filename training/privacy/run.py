@@ -83,6 +83,9 @@ VARIANTS = {
     "pool_noise_g01_k2": {**VARIANT_BASE, "partners": "pool", "pool_size": 2000, "noise": "gaussian", "noise_scale": 0.01},
     "pool_noise_g01_k4": {**VARIANT_BASE, "k": 4, "partners": "pool", "pool_size": 2000, "noise": "gaussian", "noise_scale": 0.01},
     "pool_noise_g02_k4": {**VARIANT_BASE, "k": 4, "partners": "pool", "pool_size": 2000, "noise": "gaussian", "noise_scale": 0.02},
+    "pool_noise_g005_k4": {**VARIANT_BASE, "k": 4, "partners": "pool", "pool_size": 2000, "noise": "gaussian", "noise_scale": 0.005},
+    "pool_noise_g01_k3": {**VARIANT_BASE, "k": 3, "partners": "pool", "pool_size": 2000, "noise": "gaussian", "noise_scale": 0.01},
+    "pool_noise_g015_k3": {**VARIANT_BASE, "k": 3, "partners": "pool", "pool_size": 2000, "noise": "gaussian", "noise_scale": 0.015},
     # (d) sign keys per row and channel / block
     "signch_k2": {**VARIANT_BASE, "self_partner": False, "sign_flip": True, "sign_key": "channel"},
     "signblk_k2": {**VARIANT_BASE, "self_partner": False, "sign_flip": True, "sign_key": "block"},
