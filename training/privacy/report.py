@@ -104,6 +104,122 @@ def judge_agreement(agg: list[dict]) -> dict:
             "within_0.05": sum(d[0] <= 0.05 for d in diffs), "cells": len(diffs)}
 
 
+JUDGE_MARGIN = 0.05  # issue 14: a second, differently built judge agrees within 0.05 on every defence's leak
+JUDGE_NAMES = ("judge", "judge2", "judge3")  # run.JUDGES: "judge" is the reported one
+
+
+def paired_judge_agreement(runs: list[dict], margin: float = JUDGE_MARGIN) -> dict:
+    """The reported judge against every other judge, paired: per defence and scenario (the cells of
+    ``aggregate``: ``same_as`` scenarios left out) and on the defence's worst-case leak (the max over its
+    scenarios, taken per judge inside every resample), the difference reported judge - other judge of the
+    leaks the report shows (stats.leak_of of the mean per-victim success, ``_per_victim``), with its 95%
+    interval over seeds x victims resampling the same seeds and victims for both judges (stats.paired_means,
+    the plan of stats.paired_bootstrap) and stats.equivalence's verdict at ``margin``.
+    A run without another judge's per-victim arrays (a table.json written before they were kept) leaves
+    that pair's cells "not measured", with the reason in ``missing``.
+    Returns {"margin", "seeds", "judges": {name: kind}, "pairs": {other: {"label", "cells", "worst",
+    "counts", "largest", "largest_differ", "missing"}}}."""
+    v = runs[0]["info"].get("victims") or len(runs[0]["info"]["split"]["victims"])
+    kinds = {n: j.get("kind", n) for n, j in runs[0]["info"].get("judges", {}).items()} or {n: n for n in JUDGE_NAMES}
+    others = [n for n in kinds if n != "judge"] or list(JUDGE_NAMES[1:])
+    out = {"margin": margin, "seeds": [r["info"]["seed"] for r in runs], "judges": kinds, "pairs": {}}
+    for o in others:
+        out["pairs"][o] = {"label": f"{kinds.get('judge', 'judge')} - {kinds.get(o, o)}", "cells": [], "worst": [], "missing": None}
+    for i, row in enumerate(runs[0]["rows"]):
+        same = [r["rows"][i] for r in runs]
+        scs = [sc for sc in SCEN if sc in row["scenarios"] and not row["scenarios"][sc].get("same_as")]
+        if not scs:
+            continue
+        per = {f"judge|{sc}": [_per_victim(s, sc) for s in same] for sc in scs}
+        measured = []
+        for o in others:
+            arrs = {sc: [_per_victim(s, sc, f"_{o}") for s in same] for sc in scs}
+            if all(len(a) == len(b) > 0 for sc in scs for a, b in zip(arrs[sc], per[f"judge|{sc}"])):
+                per.update({f"{o}|{sc}": arrs[sc] for sc in scs})
+                measured.append(o)
+            elif out["pairs"][o]["missing"] is None:
+                out["pairs"][o]["missing"] = (f"no per-victim results of {o} ({kinds.get(o, o)}) beside the reported judge's "
+                                              f"in every run (first: {row['defence']}); a table.json written before "
+                                              f"per_victim_{o} was kept")
+        point, boot = ST.paired_means(per)
+        leak = {k: ST.leak_of(m, v) for k, m in point.items()}
+        lboot = {k: np.array([ST.leak_of(m, v) for m in b]) for k, b in boot.items()}
+        for o in others:
+            pair = out["pairs"][o]
+            if o not in measured:
+                for sc in scs:
+                    pair["cells"].append({"defence": row["defence"], "scenario": sc, "verdict": "not measured"})
+                pair["worst"].append({"defence": row["defence"], "scenario": "worst", "verdict": "not measured"})
+                continue
+            for sc in scs:
+                e = ST.equivalence(leak[f"judge|{sc}"] - leak[f"{o}|{sc}"], lboot[f"judge|{sc}"] - lboot[f"{o}|{sc}"],
+                                   len(runs), margin)
+                pair["cells"].append({"defence": row["defence"], "scenario": sc, **e})
+            w = {j: _worst({sc: leak[f"{j}|{sc}"] for sc in scs}) for j in ("judge", o)}
+            wb = {j: np.max([lboot[f"{j}|{sc}"] for sc in scs], axis=0) for j in ("judge", o)}
+            e = ST.equivalence(w["judge"] - w[o], wb["judge"] - wb[o], len(runs), margin)
+            pair["worst"].append({"defence": row["defence"], "scenario": "worst", **e})
+    for pair in out["pairs"].values():
+        pair["counts"] = {part: {k: sum(c["verdict"] == k for c in pair[part])
+                                 for k in ("agree", "differ", "unresolved", "not measured")} for part in ("cells", "worst")}
+        done = [c for c in pair["cells"] + pair["worst"] if c["verdict"] != "not measured"]
+        pair["largest"] = max(done, key=lambda c: abs(c["mean"]), default=None)
+        pair["largest_differ"] = max((c for c in done if c["verdict"] == "differ"), key=lambda c: abs(c["mean"]), default=None)
+    return out
+
+
+def _diff(c: dict, nd: int = 3) -> str:
+    if c is None or c["verdict"] == "not measured" or math.isnan(c.get("lo", float("nan"))):
+        return "-"
+    return f"{c['mean']:+.{nd}f} [{c['lo']:+.{nd}f}, {c['hi']:+.{nd}f}]"
+
+
+def _verdict(c: dict) -> str:
+    if c["verdict"] == "unresolved":
+        return f"unresolved (~{c['seeds_needed']} seeds)" if c.get("seeds_needed") else "unresolved"
+    return c["verdict"]
+
+
+def judge_markdown(ja: dict, cells: bool = True) -> list[str]:
+    """The paired judge agreement (``paired_judge_agreement``) as markdown lines: per judge pair the verdict
+    counts on worst-case leaks and on cells and the largest difference; with ``cells`` the per-cell table."""
+    m = ja["margin"]
+    lines = [f"**Judge agreement, paired** (reported judge's leak minus another judge's, 95% interval over seeds x victims "
+             f"resampling the same seeds and victims for both; agree = the interval lies inside ±{m:.2f}, differ = it "
+             f"excludes 0 and the difference exceeds {m:.2f}, else unresolved, with the seeds its width implies to decide):",
+             "",
+             "| judges | worst-case leaks: agree / differ / unresolved | cells: agree / differ / unresolved "
+             "| largest difference (where, verdict) | largest 'differ' |",
+             "|---|---|---|---|---|"]
+    notes = []
+    for o, p in ja["pairs"].items():
+        cw, cc = p["counts"]["worst"], p["counts"]["cells"]
+        if p["missing"] and not (cw["agree"] + cw["differ"] + cw["unresolved"]):
+            lines.append(f"| {p['label']} | not measured | not measured | - | - |")
+            notes.append(f"{p['label']}: not measured: {p['missing']}.")
+            continue
+        if p["missing"]:
+            notes.append(f"{p['label']}: {cc['not measured']} cells not measured: {p['missing']}.")
+        big, bd = p["largest"], p["largest_differ"]
+        lines.append(f"| {p['label']} | {cw['agree']} / {cw['differ']} / {cw['unresolved']} of {len(p['worst'])} "
+                     f"| {cc['agree']} / {cc['differ']} / {cc['unresolved']} of {len(p['cells'])} "
+                     f"| {_diff(big)} ({big['defence']} {big['scenario']}, {big['verdict']}) "
+                     f"| {(_diff(bd) + ' (' + bd['defence'] + ' ' + bd['scenario'] + ')') if bd else 'none'} |")
+    lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    if cells and ja["pairs"]:
+        ps = list(ja["pairs"].values())
+        lines += ["| defence | leak | " + " | ".join(f"{p['label']} | verdict" for p in ps) + " |",
+                  "|---|---|" + "---|---|" * len(ps)]
+        def by_defence(p):  # a defence's cells, then its worst case (every pair lists the same cells in the same order)
+            return [c for w in p["worst"] for c in [x for x in p["cells"] if x["defence"] == w["defence"]] + [w]]
+
+        for rows in zip(*(by_defence(p) for p in ps)):
+            lines.append(f"| {rows[0]['defence']} | {rows[0]['scenario']} | "
+                         + " | ".join(f"{_diff(c)} | {_verdict(c)}" for c in rows) + " |")
+        lines.append("")
+    return lines
+
+
 def claim(runs: list[dict]) -> dict:
     """"Adaptive gives more privacy than every fixed k at equal accuracy": the margin = the fixed-k curve's
     worst-case leak interpolated at adaptive's accuracy minus adaptive's worst-case leak (> 0 favours
@@ -165,7 +281,7 @@ def _ci(d, nd=2):
     return f"{d['mean']:.{nd}f} [{d['lo']:.{nd}f}, {d['hi']:.{nd}f}]"
 
 
-def markdown(agg: list[dict], info: dict, cl: dict) -> str:
+def markdown(agg: list[dict], info: dict, cl: dict, ja: dict | None = None) -> str:
     j = info.get("judges", {})
     jt = "; ".join(f"{n}: {x.get('kind')} on {x.get('pool')} ({x.get('pool_people')} people), clean rank-1 {_f(x['rank1'], True)} %"
                    for n, x in j.items()) if j else "-"
@@ -209,6 +325,8 @@ def markdown(agg: list[dict], info: dict, cl: dict) -> str:
         lines.append(f"- seed {p['seed']}: adaptive accuracy {100 * p['adaptive_accuracy']:.1f} %, worst-case leak "
                      f"{p['adaptive_leak']:.3f} (mean k {p['adaptive_k_mean'] if p['adaptive_k_mean'] is None else round(p['adaptive_k_mean'], 2)}); "
                      f"margin {mg}")
+    if ja is not None:
+        lines += [""] + judge_markdown(ja)
     return "\n".join(lines) + "\n"
 
 
@@ -343,7 +461,7 @@ td,th{{border:1px solid #bbb;padding:3px 5px;text-align:right}} th{{background:#
 def write_set(d: Path, tag: str, runs: list[dict], command, machine: dict | None = None) -> tuple[str, list[dict], dict]:
     """One set's report files in ``d``: table.md, table.json (the aggregate, the claim and every run without its
     images), frontier.png, and grid.png when the first run carries its images. Returns (markdown, aggregate, claim)."""
-    agg, cl = aggregate(runs), claim(runs)
+    agg, cl, ja = aggregate(runs), claim(runs), paired_judge_agreement(runs)
     # the machine as the first run saw it (load average at its start); runs written before that field: ``machine``
     judges = {n: {**j, "rank1": _ms([r["info"]["judges"][n]["rank1"] for r in runs])}
               for n, j in runs[0]["info"].get("judges", {}).items()}
@@ -351,11 +469,11 @@ def write_set(d: Path, tag: str, runs: list[dict], command, machine: dict | None
             "seeds": [r["info"]["seed"] for r in runs], "machine": runs[0]["info"].get("machine", machine),
             "wall_s": sum(r["info"]["wall_s"] for r in runs), "judges": judges, "budget": runs[0]["info"]["budget"],
             "split": runs[0]["info"]["split"]}
-    md = markdown(agg, info, cl)
+    md = markdown(agg, info, cl, ja)
     d.mkdir(parents=True, exist_ok=True)
     (d / "table.md").write_text(md)
     (d / "table.json").write_text(json.dumps({"info": info, "command": command, "aggregate": agg, "claim": cl,
-                                              "runs": [{k: v for k, v in r.items() if k != "images"} for r in runs]},
+                                              "judge_agreement": ja, "runs": [{k: v for k, v in r.items() if k != "images"} for r in runs]},
                                              indent=1, default=str))
     frontier_plot(agg, d / "frontier.png", f"{tag.upper()}: FR accuracy vs worst-case identity leak (seeds {info['seeds']})")
     if "images" in runs[0]:

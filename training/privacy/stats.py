@@ -85,3 +85,60 @@ def seeds_needed(half_width: float, seeds: int, target: float = 0.02) -> int:
     if not math.isfinite(half_width) or half_width <= target:
         return seeds
     return int(math.ceil(seeds * (half_width / target) ** 2))
+
+
+def paired_means(per_seed: dict, *, draws: int = DRAWS, seed: int = 0) -> tuple[dict, dict]:
+    """Every name's mean success, at the point and in each resample of one hierarchical plan (``_draws``, as
+    ``paired_bootstrap`` draws it for the same ``seed``) shared by all names: the same seeds and, within each
+    drawn seed, the same victims for every name (paired). per_seed: {name: [(V,) per seed]}.
+    Returns ({name: point mean}, {name: (draws,) resampled means}); vectorised, so one plan serves many statistics."""
+    names = list(per_seed)
+    arr = {n: [np.asarray(p, dtype=np.float64) for p in per_seed[n]] for n in names}
+    s = len(arr[names[0]])
+    point = {n: float(np.mean([a.mean() for a in arr[n]])) for n in names}
+    seeds, vics = _draws(arr[names[0]], np.random.default_rng(seed), draws)
+    boot = {}
+    for n in names:
+        tot = np.zeros(draws)
+        for j in range(s):  # position j of the drawn seeds: its seed per draw, and its victims per draw
+            for sd in range(s):
+                rows = np.flatnonzero(seeds[:, j] == sd)
+                if len(rows):
+                    a = arr[n][sd]
+                    tot[rows] += a[vics[j][rows] % len(a)].mean(axis=1)
+        boot[n] = tot / s
+    return point, boot
+
+
+def equivalence(point: float, resampled, seeds: int, margin: float = 0.05) -> dict:
+    """Verdict on a paired difference (its point value and resampled values) at ``margin``: "agree" when its
+    95% interval lies inside [-margin, +margin] (an equivalence test), "differ" when the interval excludes 0 and
+    the point's magnitude exceeds the margin, else "unresolved", with the seeds that would decide it if the
+    interval shrinks as 1/sqrt(seeds) around the same point (``seeds_needed`` for the width on each side that
+    would put it inside the margin, or off 0; None where no width decides: a point at the margin exactly).
+    Returns {"mean", "lo", "hi", "half_width", "verdict", "seeds", "seeds_needed"}."""
+    vals = np.asarray(resampled, dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    if not vals.size or not math.isfinite(point):
+        return {"mean": float(point), "lo": float("nan"), "hi": float("nan"), "half_width": float("nan"),
+                "verdict": "not measured", "seeds": seeds, "seeds_needed": None}
+    lo, hi = (float(x) for x in np.percentile(vals, [2.5, 97.5]))
+    hw = (hi - lo) / 2
+    need = None
+    if -margin <= lo and hi <= margin:
+        verdict = "agree"
+    elif (lo > 0 or hi < 0) and abs(point) > margin:
+        verdict = "differ"
+    else:
+        verdict = "unresolved"
+        # each end moves to point + sqrt(seeds / n) * (end - point): the n that puts both ends inside the
+        # margin (|point| < margin) or the end nearer 0 past it (|point| > margin)
+        if abs(point) < margin:
+            sides = [(hi - point, margin - point), (point - lo, margin + point)]
+        elif abs(point) > margin:
+            sides = [(point - lo, point) if point > 0 else (hi - point, -point)]
+        else:
+            sides = []
+        need = max(seeds + 1, *(seeds_needed(e, seeds, t) for e, t in sides)) if sides else None
+    return {"mean": float(point), "lo": lo, "hi": hi, "half_width": float(hw), "verdict": verdict, "seeds": seeds,
+            "seeds_needed": need}
