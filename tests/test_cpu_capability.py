@@ -228,9 +228,9 @@ def test_same_release_other_local_build_loads():
 
 
 def test_the_wide_copies_hold_wide_instructions(compiled):
-    """Each x86 copy really is compiled for its instruction set: a target pragma that does not take effect
-    (a malformed one is ignored without a word) leaves every copy at the SSE2 baseline, about 2x slower,
-    and every other test still passes. ymm registers come with AVX2, zmm with AVX-512."""
+    """Each x86 copy really is compiled for its instruction set: a copy built without its ISA flags would be
+    SSE2 baseline code, about 2x slower, and every other test would still pass (capability.h also refuses
+    to compile it). ymm registers come with AVX2, zmm with AVX-512."""
     if list(compiled) != ["avx512", "avx2", "default"]:
         pytest.skip("the x86 capabilities are built on x86-64 only")
     import shutil

@@ -15,11 +15,10 @@
 #include <vector>
 
 #include "kernels.h"
-#include "vec8.h"  // last: opens and closes its own target region (capability.h)
+#include "vec8.h"
 
 FASTMIX_DECLARE_CPU_KERNELS(FASTMIX_CAP_NS)
 
-FASTMIX_CPU_TARGET_BEGIN
 namespace fastmix {
 namespace FASTMIX_CAP_NS {
 namespace {
@@ -130,4 +129,3 @@ at::Tensor block_dct_cpu(const at::Tensor& x_in, int64_t block, bool inverse) {
 
 }  // namespace FASTMIX_CAP_NS
 }  // namespace fastmix
-FASTMIX_CPU_TARGET_END

@@ -43,7 +43,7 @@ struct Capability {
 bool always() { return true; }
 
 #if defined(__x86_64__) || defined(__i386__)
-// The same features as capability.h's target strings.
+// The same features as setup.py's CAPABILITY_FLAGS.
 bool has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&

@@ -18,17 +18,16 @@
 #include <cstring>
 #include <vector>
 #if defined(FASTMIX_CPU_CAP_AVX2) || defined(FASTMIX_CPU_CAP_AVX512)
-#include <immintrin.h>  // the noise's table gather (apply_noise); above the target region (capability.h)
+#include <immintrin.h>  // the noise's table gather (apply_noise)
 #endif
 
 #include "../noise.h"
 #include "../sign.h"
 #include "kernels.h"
-#include "vec8.h"  // last: opens and closes its own target region (capability.h)
+#include "vec8.h"
 
 FASTMIX_DECLARE_CPU_KERNELS(FASTMIX_CAP_NS)
 
-FASTMIX_CPU_TARGET_BEGIN
 namespace fastmix {
 namespace FASTMIX_CAP_NS {
 namespace {
@@ -617,4 +616,3 @@ std::tuple<at::Tensor, at::Tensor> mix_bwd_cpu(const at::Tensor& grad_in, const 
 
 }  // namespace FASTMIX_CAP_NS
 }  // namespace fastmix
-FASTMIX_CPU_TARGET_END

@@ -2,9 +2,9 @@
 // Shared by the CPU kernels (dct.cpp, mix.cpp). Written with explicit vectors because the plain-array form
 // of the 8x8 transform loops was not vectorised by GCC 12 (measured 512 ns vs 23 ns per 8x8 transform on
 // this project's Xeon, -O3 -march=native).
-// Compiled inside each capability's target region and namespace (capability.h): a vector-returning helper
-// built for the baseline ISA passes a 256-bit vector in memory, one built for AVX2 in a ymm register, so
-// the helpers must be built for the ISA of the kernels that call them.
+// Compiled in each capability's namespace and ISA (capability.h): a vector-returning helper built for the
+// baseline ISA passes a 256-bit vector in memory, one built for AVX2 in a ymm register, so the helpers must
+// be built for the ISA of the kernels that call them.
 #pragma once
 
 #include <cstring>
@@ -12,7 +12,6 @@
 
 #include "capability.h"
 
-FASTMIX_CPU_TARGET_BEGIN
 namespace fastmix {
 namespace FASTMIX_CAP_NS {
 
@@ -58,4 +57,3 @@ inline void vstore_as(T* p, v8<acc_t> v) {
 
 }  // namespace FASTMIX_CAP_NS
 }  // namespace fastmix
-FASTMIX_CPU_TARGET_END
