@@ -163,6 +163,9 @@ def test_cli_jobs_runs_seeds_in_worker_processes(orl_root, tmp_path, smoke_judge
     assert main(common + ["--seeds", "0", "1", "--jobs", "2", "--work", str(work)]) == 0
     summary = json.loads((tmp_path / "res" / "summary.json").read_text())
     assert summary["jobs"] == 2 and summary["command_elapsed_s"] > 0
+    # the paired judge criterion's verdict counts, per judge pair: one defence, one scenario
+    counts = summary["sets"]["orl"]["judge_agreement_paired"]["judge2"]
+    assert sum(counts["worst"].values()) == 1 and sum(counts["cells"].values()) == 1
     t = json.loads((tmp_path / "res" / "orl" / "table.json").read_text())
     assert [r["info"]["seed"] for r in t["runs"]] == [0, 1]
     serial = work_with_judges(tmp_path / "serial", smoke_judges)

@@ -209,7 +209,10 @@ def main(argv=None) -> int:
         t_all += wall
         md, agg, cl = report.write_set(out / tag, tag, runs, command, mach)
         sections.append((tag, md))
-        summary["sets"][tag] = {"wall_s": wall, "claim": cl["verdict"], "judge_agreement": report.judge_agreement(agg)}
+        pja = report.paired_judge_agreement(runs)
+        summary["sets"][tag] = {"wall_s": wall, "claim": cl["verdict"], "judge_agreement": report.judge_agreement(agg),
+                                # the paired criterion's verdict counts (agree / differ / unresolved) per judge pair
+                                "judge_agreement_paired": {n: pr["counts"] for n, pr in pja["pairs"].items()}}
         print(md)
     info = {"command": command, "machine": mach, "wall_s": t_all}
     pages = [(s, md, {"frontier": f"{s}/frontier.png", "grid": f"{s}/grid.png", "json": f"{s}/table.json", "md": f"{s}/table.md"})
